@@ -1,0 +1,292 @@
+// The only file that knows about Python: turns DLPack capsules / tuples into TensorViews,
+// validates, releases the GIL around compute, and maps core errors to Python exceptions.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "core/dlpack.h"
+#include "core/error.hpp"
+#include "core/tensor_view.hpp"
+#include "linalg/backend.hpp"
+#include "linalg/spectral.hpp"
+#include "methods/matrix_methods.hpp"
+#include "methods/merge.hpp"
+
+namespace py = pybind11;
+using namespace isofast;
+
+namespace {
+
+DType dtype_from_dl(const IsoDLDataType& t, const std::string& what) {
+  ISOFAST_CHECK(t.lanes == 1, what, ": vector dtypes (lanes != 1) are not supported");
+  switch (t.code) {
+    case kIsoDLFloat:
+      if (t.bits == 32) return DType::F32;
+      if (t.bits == 64) return DType::F64;
+      if (t.bits == 16) return DType::F16;
+      break;
+    case kIsoDLBfloat:
+      if (t.bits == 16) return DType::BF16;
+      break;
+    case kIsoDLInt:
+      if (t.bits == 8) return DType::I8;
+      if (t.bits == 16) return DType::I16;
+      if (t.bits == 32) return DType::I32;
+      if (t.bits == 64) return DType::I64;
+      break;
+    case kIsoDLUInt:
+      if (t.bits == 8) return DType::U8;
+      if (t.bits == 16) return DType::U16;
+      if (t.bits == 32) return DType::U32;
+      if (t.bits == 64) return DType::U64;
+      break;
+    case kIsoDLBool:
+      return DType::Bool;
+  }
+  throw ValueError(concat(what, ": unsupported dtype (code ", int(t.code), ", ", int(t.bits),
+                          " bits)"));
+}
+
+DType dtype_from_name(const std::string& name, const std::string& what) {
+  if (name == "float32") return DType::F32;
+  if (name == "float64") return DType::F64;
+  if (name == "float16") return DType::F16;
+  if (name == "bfloat16") return DType::BF16;
+  throw ValueError(concat(what, ": unknown dtype override '", name, "'"));
+}
+
+// Views of Python arrays stay valid while the objects that own their memory are alive; the
+// capsules (and the producers they reference) are kept here for the duration of one call.
+struct Keepalive {
+  std::vector<py::object> objects;
+};
+
+TensorView view_of_dl(const IsoDLTensor& t, bool readonly, const std::string& what) {
+  ISOFAST_CHECK(t.device.device_type == kIsoDLCPU || t.device.device_type == kIsoDLCUDAHost,
+                what, ": the CPU core got an array on device type ", t.device.device_type,
+                " (use device='cuda' for GPU arrays)");
+  TensorView v;
+  v.dtype = dtype_from_dl(t.dtype, what);
+  v.shape.assign(t.shape, t.shape + t.ndim);
+  v.readonly = readonly;
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  if (t.strides != nullptr) {
+    int64_t expected = 1;
+    for (int d = t.ndim - 1; d >= 0; --d) {
+      ISOFAST_CHECK(t.shape[d] == 1 || t.strides[d] == expected, what,
+                    ": array is not contiguous (row-major); call .contiguous() first");
+      expected *= t.shape[d];
+    }
+  }
+  return v;
+}
+
+TensorView view_of(py::handle obj, const std::string& what, Keepalive& keep) {
+  // (array, "bfloat16"): reinterpret 16-bit integers (numpy has no bfloat16).
+  if (py::isinstance<py::tuple>(obj)) {
+    auto tup = obj.cast<py::tuple>();
+    ISOFAST_CHECK(tup.size() == 2, what, ": expected (array, dtype_name)");
+    TensorView v = view_of(tup[0], what, keep);
+    const DType to = dtype_from_name(tup[1].cast<std::string>(), what);
+    ISOFAST_CHECK(dtype_size(v.dtype) == dtype_size(to), what, ": cannot view ",
+                  dtype_name(v.dtype), " data as ", dtype_name(to));
+    v.dtype = to;
+    return v;
+  }
+  ISOFAST_CHECK(py::hasattr(obj, "__dlpack__"), what,
+                ": expected a torch tensor or numpy array (an object with __dlpack__), got ",
+                std::string(py::str(py::type::of(obj).attr("__name__"))));
+  py::object capsule;
+  try {
+    capsule = obj.attr("__dlpack__")(py::arg("max_version") = py::make_tuple(1, 0));
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError) && !e.matches(PyExc_BufferError)) throw;
+    capsule = obj.attr("__dlpack__")();
+  }
+  keep.objects.push_back(capsule);
+  keep.objects.push_back(py::reinterpret_borrow<py::object>(obj));
+  PyObject* cap = capsule.ptr();
+  if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+    auto* m = static_cast<IsoDLManagedTensorVersioned*>(
+        PyCapsule_GetPointer(cap, "dltensor_versioned"));
+    ISOFAST_CHECK(m->version.major == 1, what, ": unsupported DLPack major version ",
+                  m->version.major);
+    return view_of_dl(m->dl_tensor, (m->flags & kIsoDLFlagReadOnly) != 0, what);
+  }
+  if (PyCapsule_IsValid(cap, "dltensor")) {
+    auto* m = static_cast<IsoDLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    return view_of_dl(m->dl_tensor, false, what);
+  }
+  throw ValueError(concat(what, ": __dlpack__ did not return a DLPack capsule"));
+}
+
+MergeOptions options_from(const std::string& kernel, double alpha, const py::dict& params) {
+  MergeOptions o;
+  o.kernel = kernel;
+  o.alpha = alpha;
+  ISOFAST_CHECK(std::isfinite(alpha), "alpha must be finite, got ", alpha);
+  for (auto kv : params) {
+    const std::string key = kv.first.cast<std::string>();
+    py::handle v = kv.second;
+    if (key == "compute64") o.compute64 = v.cast<bool>();
+    else if (key == "threads") o.threads = std::max(1, v.cast<int>());
+    else if (key == "drop_rate") o.drop_rate = v.cast<double>();
+    else if (key == "seed") o.seed = v.cast<uint64_t>();
+    else if (key == "density") o.density = v.cast<double>();
+    else if (key == "trim_global") o.trim_global = v.cast<bool>();
+    else if (key == "thresholds") o.thresholds = v.cast<std::vector<double>>();
+    else if (key == "majority_sign") o.majority_sign = v.cast<int>();
+    else if (key == "ties_sum") o.ties_sum = v.cast<bool>();
+    else if (key == "lam") o.lam = v.cast<double>();
+    else if (key == "min_agree") o.min_agree = v.cast<int>();
+    else if (key == "consensus_ties") o.consensus_ties = v.cast<bool>();
+    else if (key == "common_space_fraction") o.common_space_fraction = v.cast<double>();
+    else if (key == "rank_tol") o.rank_tol = v.is_none() ? -1.0 : v.cast<double>();
+    else throw ValueError(concat("unknown core option '", key, "'"));
+  }
+  return o;
+}
+
+// items: list of (name, base, [finetuned...], out, is_matrix); out may be None (histograms).
+std::vector<MergeItem> items_from(const py::list& items, Keepalive& keep) {
+  std::vector<MergeItem> out;
+  for (auto h : items) {
+    auto tup = h.cast<py::tuple>();
+    ISOFAST_CHECK(tup.size() == 5, "merge item must be (name, base, finetuned, out, is_matrix)");
+    MergeItem it;
+    it.name = tup[0].cast<std::string>();
+    it.base = view_of(tup[1], concat("tensor '", it.name, "' of the base model"), keep);
+    auto fts = tup[2].cast<py::list>();
+    for (size_t t = 0; t < fts.size(); ++t)
+      it.finetuned.push_back(
+          view_of(fts[t], concat("tensor '", it.name, "' of fine-tuned model ", t), keep));
+    if (tup[3].is_none()) {
+      it.out = it.base;  // histogram passes write nothing
+      it.out.readonly = false;
+      it.out.dtype = is_float(it.base.dtype) ? it.base.dtype : DType::F32;
+    } else {
+      it.out = view_of(tup[3], concat("output tensor '", it.name, "'"), keep);
+    }
+    it.matrix = tup[4].cast<bool>();
+    validate_item(it);
+    out.push_back(std::move(it));
+  }
+  return out;
+}
+
+void merge_items(const std::string& kernel, const py::list& items, double alpha,
+                 const py::dict& params) {
+  Keepalive keep;
+  MergeOptions opt = options_from(kernel, alpha, params);
+  std::vector<MergeItem> parsed = items_from(items, keep);
+  py::gil_scoped_release release;
+  set_blas_threads(opt.threads);
+  for (const MergeItem& it : parsed) merge_item(opt, it);
+}
+
+py::array_t<int64_t> abs_histogram_py(const py::list& items, const py::dict& params, int digit,
+                                      const std::vector<uint64_t>& prefixes) {
+  Keepalive keep;
+  MergeOptions opt = options_from("ties", 1.0, params);
+  std::vector<MergeItem> parsed = items_from(items, keep);
+  ISOFAST_CHECK(digit >= 0 && digit < (opt.compute64 ? 4 : 2), "histogram digit out of range");
+  py::array_t<int64_t> hist({static_cast<py::ssize_t>(prefixes.size()), py::ssize_t{65536}});
+  std::memset(hist.mutable_data(), 0, sizeof(int64_t) * prefixes.size() * 65536);
+  int64_t* h = hist.mutable_data();
+  {
+    py::gil_scoped_release release;
+    for (const MergeItem& it : parsed) abs_histogram(opt, it, digit, prefixes, h);
+  }
+  return hist;
+}
+
+int64_t ties_vote_py(const py::list& items, const py::dict& params) {
+  Keepalive keep;
+  MergeOptions opt = options_from("ties", 1.0, params);
+  std::vector<MergeItem> parsed = items_from(items, keep);
+  py::gil_scoped_release release;
+  int64_t vote = 0;
+  for (const MergeItem& it : parsed) vote += ties_vote(opt, it);
+  return vote;
+}
+
+// Thin SVD of a 2-D float32/float64 array through the same backend as the methods (row-major
+// in, row-major out): returns (U, S, Vt). NaN input raises LinAlgError from LAPACK's check.
+template <class T>
+py::tuple svd_as(const TensorView& v) {
+  const int m = static_cast<int>(v.shape[0]), n = static_cast<int>(v.shape[1]);
+  const int r = std::min(m, n);
+  ThinSvd<T> f;
+  {
+    py::gil_scoped_release release;
+    // Row-major m x n is column-major X = A^T (n x m): A = (X's vt)^T S (X's u)^T.
+    f = thin_svd(cpu_backend<T>(), n, m, static_cast<const T*>(v.data), n);
+  }
+  py::array_t<T> u({m, r}), s(r), vt({r, n});
+  // X's vt is r x m column-major == m x r row-major: exactly U of A.
+  std::memcpy(u.mutable_data(), f.vt.ptr(), sizeof(T) * m * r);
+  std::memcpy(s.mutable_data(), f.s.data(), sizeof(T) * r);
+  std::memcpy(vt.mutable_data(), f.u.ptr(), sizeof(T) * n * r);
+  return py::make_tuple(u, s, vt);
+}
+
+py::tuple svd_py(py::handle a) {
+  Keepalive keep;
+  TensorView v = view_of(a, "svd input", keep);
+  ISOFAST_CHECK(v.shape.size() == 2, "svd input must be 2-D, got ", v.shape_str());
+  if (v.dtype == DType::F64) return svd_as<double>(v);
+  ISOFAST_CHECK(v.dtype == DType::F32, "svd input must be float32 or float64");
+  return svd_as<float>(v);
+}
+
+std::uintptr_t data_ptr(py::handle a) {
+  Keepalive keep;
+  return reinterpret_cast<std::uintptr_t>(view_of(a, "array", keep).data);
+}
+
+py::object error_class(const char* name) {
+  return py::module_::import("isofast.errors").attr(name);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "isofast compiled core (CPU backend: OpenBLAS/LAPACK)";
+
+  py::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const LinAlgError& e) {
+      PyErr_SetString(error_class("LinAlgError").ptr(), e.what());
+    } catch (const ValueError& e) {
+      PyErr_SetString(PyExc_ValueError, e.what());
+    } catch (const Error& e) {
+      PyErr_SetString(error_class("IsofastError").ptr(), e.what());
+    }
+  });
+
+  m.def("merge_items", &merge_items, py::arg("kernel"), py::arg("items"), py::arg("alpha"),
+        py::arg("params"),
+        "Merge each (name, base, finetuned, out, is_matrix) item into `out` in place.");
+  m.def("abs_histogram", &abs_histogram_py, py::arg("items"), py::arg("params"), py::arg("digit"),
+        py::arg("prefixes"), "Per-task 65536-bin histogram of one 16-bit digit of |task vector|.");
+  m.def("ties_vote", &ties_vote_py, py::arg("items"), py::arg("params"),
+        "Sum of elected TIES signs under the given global thresholds.");
+  m.def("svd", &svd_py, py::arg("a"), "Thin SVD (gesdd) of a 2-D float32/float64 array.");
+  m.def("data_ptr", &data_ptr, py::arg("a"), "Address of the memory the core sees (zero-copy check).");
+  m.def("iso_cts_sizes", &iso_cts_sizes, py::arg("r"), py::arg("tasks"), py::arg("fraction"));
+  m.def("set_num_threads", &set_blas_threads, py::arg("threads"));
+  m.def("get_num_threads", &get_blas_threads);
+  m.def("blas_config", &blas_config);
+#ifdef ISOFAST_HAS_CUDA
+  m.attr("cuda_built") = true;
+#else
+  m.attr("cuda_built") = false;
+#endif
+}

@@ -1,0 +1,32 @@
+// Matrix merging methods (TSV-M, Iso-C, Iso-CTS) on one 2-D key.
+//
+// Layout: a row-major m x n task matrix D is, in memory, the column-major n x m matrix
+// X = D^T. The kernels work on X directly (rows = n, cols = m, leading dimension rows), so no
+// transposition is ever copied. TSV-M and Iso-C are transpose-equivariant; Iso-CTS projects
+// out D's *left* common subspace, which is X's *right* one (rows of X's V^T).
+#pragma once
+#include <utility>
+#include <vector>
+
+#include "../linalg/backend.hpp"
+
+namespace isofast {
+
+template <class T>
+struct MatrixProblem {
+  int rows = 0, cols = 0;           // of X = D^T
+  std::vector<const T*> deltas;     // T task matrices, column-major, ld = rows
+};
+
+// Iso-CTS sizes (docs/CONTRACT.md): returns (k, s) for r = min(m, n), T tasks, fraction f.
+std::pair<int, int> iso_cts_sizes(int r, int tasks, double fraction);
+
+// Each writes the merged update M (as X-layout, column-major rows x cols) into `out`.
+template <class T>
+void iso_c(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out);
+template <class T>
+void iso_cts(Backend<T>& be, const MatrixProblem<T>& p, double fraction, double rank_tol, T* out);
+template <class T>
+void tsv_m(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out);
+
+}  // namespace isofast

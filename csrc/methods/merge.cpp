@@ -1,0 +1,190 @@
+#include "merge.hpp"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+
+#include "../core/error.hpp"
+#include "../core/parallel.hpp"
+#include "../linalg/backend.hpp"
+#include "elementwise.hpp"
+#include "matrix_methods.hpp"
+
+namespace isofast {
+namespace {
+
+constexpr size_t kChunk = 1 << 15;
+
+std::string model_label(size_t model) {
+  return model == 0 ? std::string("the base model") : concat("fine-tuned model ", model - 1);
+}
+
+// Task vectors of one tensor in the compute type, DARE already applied.
+template <class T>
+struct TaskVectors {
+  size_t n = 0;
+  std::vector<T> base;
+  std::vector<std::vector<T>> deltas;
+  std::vector<T*> ptrs;
+};
+
+template <class T>
+TaskVectors<T> load_task_vectors(const MergeOptions& opt, const MergeItem& item) {
+  TaskVectors<T> tv;
+  tv.n = static_cast<size_t>(item.base.numel());
+  const size_t tasks = item.finetuned.size();
+  tv.base.resize(tv.n);
+  tv.deltas.assign(tasks, std::vector<T>(tv.n));
+  std::vector<std::atomic<bool>> bad(tasks + 1);
+  const size_t chunks = (tv.n + kChunk - 1) / kChunk;
+  parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
+    for (size_t c = cb; c < ce; ++c) {
+      const size_t b = c * kChunk, len = std::min(kChunk, tv.n - b);
+      const size_t esz = dtype_size(item.base.dtype);
+      if (!load_as(static_cast<const char*>(item.base.data) + b * esz, item.base.dtype, len,
+                   tv.base.data() + b))
+        bad[0] = true;
+      for (size_t t = 0; t < tasks; ++t) {
+        const TensorView& ft = item.finetuned[t];
+        T* d = tv.deltas[t].data() + b;
+        if (!load_as(static_cast<const char*>(ft.data) + b * dtype_size(ft.dtype), ft.dtype, len, d))
+          bad[t + 1] = true;
+        for (size_t i = 0; i < len; ++i) d[i] -= tv.base[b + i];
+      }
+    }
+  });
+  for (size_t m = 0; m <= tasks; ++m)
+    ISOFAST_CHECK(!bad[m], "tensor '", item.name, "' of ", model_label(m), " holds NaN or Inf");
+  for (size_t t = 0; t < tasks; ++t) {
+    if (opt.drop_rate > 0)
+      dare_drop(tv.deltas[t].data(), tv.n, opt.drop_rate, opt.seed, item.name, t, opt.threads);
+    tv.ptrs.push_back(tv.deltas[t].data());
+  }
+  return tv;
+}
+
+template <class T>
+TiesSpec ties_spec(const MergeOptions& opt, const TaskVectors<T>& tv) {
+  TiesSpec spec;
+  spec.sum = opt.ties_sum;
+  if (opt.trim_global) {
+    ISOFAST_CHECK(opt.thresholds.size() == tv.ptrs.size(),
+                  "global TIES needs one threshold per task");
+    spec.thresholds = opt.thresholds;
+    spec.majority_sign = opt.majority_sign;
+    return spec;
+  }
+  for (T* d : tv.ptrs) spec.thresholds.push_back(ties_threshold(d, tv.n, opt.density));
+  const int64_t vote = ties_sign_vote(tv.ptrs, tv.n, spec, opt.threads);
+  spec.majority_sign = (vote > 0) - (vote < 0);
+  return spec;
+}
+
+template <class T>
+void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T>& tv, T* m) {
+  const std::string& k = opt.kernel;
+  if (k == "mean" || k == "sum") return task_sum(tv.ptrs, tv.n, k == "mean", m, opt.threads);
+  if (k == "ties") return ties_merge(tv.ptrs, tv.n, ties_spec(opt, tv), m, opt.threads);
+  if (k == "consensus") {
+    if (opt.consensus_ties)
+      ties_merge(tv.ptrs, tv.n, ties_spec(opt, tv), m, opt.threads);
+    else
+      task_sum(tv.ptrs, tv.n, false, m, opt.threads);
+    return consensus_mask(tv.ptrs, tv.n, opt.lam, opt.min_agree, m, opt.threads);
+  }
+  const bool matrix_kernel = k == "iso_c" || k == "iso_cts" || k == "tsv_m";
+  ISOFAST_CHECK(matrix_kernel, "unknown merge kernel '", k, "'");
+  if (!item.matrix) return task_sum(tv.ptrs, tv.n, true, m, opt.threads);
+  MatrixProblem<T> p;
+  p.rows = static_cast<int>(item.base.shape[1]);  // row-major m x n == column-major n x m
+  p.cols = static_cast<int>(item.base.shape[0]);
+  p.deltas.assign(tv.ptrs.begin(), tv.ptrs.end());
+  Backend<T>& be = cpu_backend<T>();
+  if (k == "iso_c") return iso_c(be, p, opt.rank_tol, m);
+  if (k == "iso_cts") return iso_cts(be, p, opt.common_space_fraction, opt.rank_tol, m);
+  return tsv_m(be, p, opt.rank_tol, m);
+}
+
+template <class T>
+void merge_item_as(const MergeOptions& opt, const MergeItem& item) {
+  TaskVectors<T> tv = load_task_vectors<T>(opt, item);
+  std::vector<T> m(tv.n);
+  merged_update(opt, item, tv, m.data());
+  const T alpha = static_cast<T>(opt.alpha);
+  const size_t chunks = (tv.n + kChunk - 1) / kChunk;
+  const size_t out_size = dtype_size(item.out.dtype);
+  parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
+    for (size_t c = cb; c < ce; ++c) {
+      const size_t b = c * kChunk, len = std::min(kChunk, tv.n - b);
+      for (size_t i = b; i < b + len; ++i) m[i] = tv.base[i] + alpha * m[i];
+      store_as(m.data() + b, len, static_cast<char*>(item.out.data) + b * out_size,
+               item.out.dtype);
+    }
+  });
+}
+
+}  // namespace
+
+void validate_item(const MergeItem& item) {
+  const std::string& name = item.name;
+  ISOFAST_CHECK(!item.finetuned.empty(), "tensor '", name, "': no fine-tuned models (T = 0)");
+  ISOFAST_CHECK(is_float(item.base.dtype), "tensor '", name, "' of the base model has dtype ",
+                dtype_name(item.base.dtype), "; only float tensors are merged");
+  for (size_t t = 0; t < item.finetuned.size(); ++t) {
+    const TensorView& ft = item.finetuned[t];
+    ISOFAST_CHECK(ft.shape == item.base.shape, "tensor '", name, "': fine-tuned model ", t,
+                  " has shape ", ft.shape_str(), " but the base model has ",
+                  item.base.shape_str());
+    ISOFAST_CHECK(is_float(ft.dtype), "tensor '", name, "' of fine-tuned model ", t,
+                  " has dtype ", dtype_name(ft.dtype), "; only float tensors are merged");
+  }
+  ISOFAST_CHECK(item.out.shape == item.base.shape, "tensor '", name, "': output shape ",
+                item.out.shape_str(), " differs from ", item.base.shape_str());
+  ISOFAST_CHECK(is_float(item.out.dtype), "tensor '", name, "': output dtype must be float");
+  ISOFAST_CHECK(!item.out.readonly, "tensor '", name, "': output array is read-only");
+  ISOFAST_CHECK(!item.matrix || item.base.shape.size() == 2, "tensor '", name,
+                "': matrix treatment needs a 2-D tensor, got shape ", item.base.shape_str());
+}
+
+void merge_item(const MergeOptions& opt, const MergeItem& item) {
+  validate_item(item);
+  if (opt.compute64)
+    merge_item_as<double>(opt, item);
+  else
+    merge_item_as<float>(opt, item);
+}
+
+namespace {
+template <class T>
+void abs_histogram_as(const MergeOptions& opt, const MergeItem& item, int digit,
+                      const std::vector<uint64_t>& prefixes, int64_t* hist) {
+  TaskVectors<T> tv = load_task_vectors<T>(opt, item);
+  ISOFAST_CHECK(prefixes.size() == tv.ptrs.size(), "one histogram prefix per task expected");
+  for (size_t t = 0; t < tv.ptrs.size(); ++t)
+    abs_digit_histogram(tv.ptrs[t], tv.n, digit, prefixes[t], hist + t * 65536);
+}
+template <class T>
+int64_t ties_vote_as(const MergeOptions& opt, const MergeItem& item) {
+  TaskVectors<T> tv = load_task_vectors<T>(opt, item);
+  TiesSpec spec;
+  spec.thresholds = opt.thresholds;
+  ISOFAST_CHECK(spec.thresholds.size() == tv.ptrs.size(), "one TIES threshold per task expected");
+  return ties_sign_vote(tv.ptrs, tv.n, spec, opt.threads);
+}
+}  // namespace
+
+void abs_histogram(const MergeOptions& opt, const MergeItem& item, int digit,
+                   const std::vector<uint64_t>& prefixes, int64_t* hist) {
+  validate_item(item);
+  if (opt.compute64)
+    abs_histogram_as<double>(opt, item, digit, prefixes, hist);
+  else
+    abs_histogram_as<float>(opt, item, digit, prefixes, hist);
+}
+
+int64_t ties_vote(const MergeOptions& opt, const MergeItem& item) {
+  validate_item(item);
+  return opt.compute64 ? ties_vote_as<double>(opt, item) : ties_vote_as<float>(opt, item);
+}
+
+}  // namespace isofast

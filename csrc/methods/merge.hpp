@@ -1,0 +1,52 @@
+// One merge step on one tensor: read base and fine-tunes (any float dtype) into the compute
+// type, form task vectors, run the method kernel, write base + alpha * M in the out dtype.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "../core/tensor_view.hpp"
+
+namespace isofast {
+
+struct MergeOptions {
+  std::string kernel;  // mean | sum | ties | consensus | tsv_m | iso_c | iso_cts
+  double alpha = 1.0;
+  bool compute64 = false;
+  int threads = 1;
+  // DARE preprocessing (enabled when drop_rate > 0)
+  double drop_rate = 0.0;
+  uint64_t seed = 0;
+  // TIES
+  double density = 0.2;
+  bool trim_global = false;
+  std::vector<double> thresholds;  // per task, when trim_global
+  int majority_sign = 0;           // when trim_global
+  bool ties_sum = false;
+  // consensus
+  double lam = 0.4;
+  int min_agree = 2;
+  bool consensus_ties = false;
+  // matrix methods
+  double common_space_fraction = 0.8;
+  double rank_tol = -1.0;  // < 0: the default max(m, n) * eps
+};
+
+struct MergeItem {
+  std::string name;
+  TensorView base;
+  std::vector<TensorView> finetuned;
+  TensorView out;
+  bool matrix = false;  // a 2-D key that gets the matrix treatment
+};
+
+void validate_item(const MergeItem& item);
+void merge_item(const MergeOptions& opt, const MergeItem& item);
+
+// TIES' whole-model passes: per-task digit histograms of |DARE(D_t)| (tasks x 65536 counts,
+// added into hist) and the vote for the majority sign under the given global thresholds.
+void abs_histogram(const MergeOptions& opt, const MergeItem& item, int digit,
+                   const std::vector<uint64_t>& prefixes, int64_t* hist);
+int64_t ties_vote(const MergeOptions& opt, const MergeItem& item);
+
+}  // namespace isofast

@@ -1,0 +1,19 @@
+"""Exception types raised by isofast (the compiled core raises these too)."""
+
+from __future__ import annotations
+
+
+class IsofastError(Exception):
+    """Base class of every isofast-specific error."""
+
+
+class LinAlgError(IsofastError, RuntimeError):
+    """A LAPACK/BLAS (or cuSOLVER/cuBLAS) routine failed, e.g. on NaN input to an SVD."""
+
+
+class MergeInputError(IsofastError, ValueError):
+    """The models or parameters given to a merge are inconsistent (names the tensor/model)."""
+
+
+class BackendUnavailable(IsofastError, RuntimeError):
+    """The requested device backend was not built or cannot run on this machine."""

@@ -1,0 +1,178 @@
+"""In-memory merging: validate the models, plan which tensors get which treatment, and run the
+compiled core tensor by tensor, writing into freshly allocated outputs."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from isofast import arrays
+from isofast._native import core
+from isofast.errors import MergeInputError
+from isofast.methods import MethodSpec, Params, get_method
+from isofast.ties_global import CoreItem, global_ties_options
+
+COMPUTE_DTYPES = ("float32", "float64")
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """What happens to one tensor name."""
+
+    name: str
+    copy: bool  # integer/bool tensors are copied from the base model
+    matrix: bool  # a 2-D key under a matrix method
+    out_dtype: str
+
+
+def is_matrix_key(name: str, shape: Sequence[int], exclude: Sequence[str]) -> bool:
+    return len(shape) == 2 and not any(pattern in name for pattern in exclude)
+
+
+def plan_tensors(
+    spec: MethodSpec,
+    names: Iterable[str],
+    shapes: Mapping[str, Sequence[int]],
+    dtypes: Mapping[str, str],
+    exclude: Sequence[str],
+    out_dtype: str | None,
+) -> list[TensorPlan]:
+    plans = []
+    for name in names:
+        dtype = dtypes[name]
+        is_float = dtype in arrays.FLOAT_DTYPES
+        matrix = is_float and spec.kind == "matrix" and is_matrix_key(name, shapes[name], exclude)
+        target = (out_dtype or dtype) if is_float else dtype
+        plans.append(TensorPlan(name, not is_float, matrix, target))
+    return plans
+
+
+def check_models(
+    names_base: Sequence[str],
+    shapes: Mapping[str, Sequence[int]],
+    dtypes: Mapping[str, str],
+    models: Sequence[tuple[Sequence[str], Mapping[str, Sequence[int]], Mapping[str, str]]],
+    labels: Sequence[str],
+) -> None:
+    """Every fine-tune must have exactly the base's tensor names, shapes and dtypes."""
+    if not models:
+        raise MergeInputError("no fine-tuned models given (T = 0): need at least one")
+    base_set = set(names_base)
+    for label, (names, m_shapes, m_dtypes) in zip(labels, models):
+        missing, extra = sorted(base_set - set(names)), sorted(set(names) - base_set)
+        if missing:
+            raise MergeInputError(f"{label} lacks tensor '{missing[0]}' of the base model"
+                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        if extra:
+            raise MergeInputError(f"{label} has tensor '{extra[0]}' that the base model lacks"
+                                  + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+        for name in names_base:
+            if tuple(m_shapes[name]) != tuple(shapes[name]):
+                raise MergeInputError(
+                    f"tensor '{name}': {label} has shape {tuple(m_shapes[name])}, "
+                    f"the base model {tuple(shapes[name])}"
+                )
+            if m_dtypes[name] != dtypes[name]:
+                raise MergeInputError(
+                    f"tensor '{name}': {label} has dtype {m_dtypes[name]}, "
+                    f"the base model {dtypes[name]}"
+                )
+
+
+def core_options(
+    params: Params, compute_dtype: str, seed: int, threads: int | None
+) -> dict[str, Any]:
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise MergeInputError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+    return {
+        **params.core_options(),
+        "compute64": compute_dtype == "float64",
+        "seed": int(seed) % 2**64,
+        "threads": threads or default_threads(),
+    }
+
+
+def default_threads() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+def check_alpha(alpha: float) -> float:
+    try:
+        value = float(alpha)
+    except (TypeError, ValueError):
+        raise MergeInputError(f"alpha must be a number, got {alpha!r}") from None
+    if not math.isfinite(value):
+        raise MergeInputError(f"alpha must be finite, got {alpha!r}")
+    return value
+
+
+def merge(
+    base: Mapping[str, Any],
+    finetuned: Sequence[Mapping[str, Any]],
+    method: str = "iso_cts",
+    alpha: float = 1.0,
+    *,
+    compute_dtype: str = "float32",
+    out_dtype: str | None = None,
+    exclude: Sequence[str] = ("text_projection",),
+    seed: int = 0,
+    threads: int | None = None,
+    **params: Any,
+) -> dict[str, Any]:
+    """Merge fine-tuned state dicts into one: theta = theta0 + alpha * M(theta_t - theta0).
+
+    `base` and each of `finetuned` map tensor names to torch tensors or numpy arrays (all of
+    one kind). Returns a new dict of the same kind. Integer/bool tensors are copied from the
+    base; float tensors are read in their own dtype (bf16/fp16/fp32/fp64) and merged in
+    `compute_dtype`; outputs keep the base dtype unless `out_dtype` is given. See
+    `isofast.methods()` for every method's parameters.
+    """
+    spec = get_method(method)
+    method_params = spec.make_params(params)
+    alpha = check_alpha(alpha)
+    if out_dtype is not None and out_dtype not in arrays.FLOAT_DTYPES:
+        raise MergeInputError(f"out_dtype must be one of {arrays.FLOAT_DTYPES}, got {out_dtype!r}")
+    options = core_options(method_params, compute_dtype, seed, threads)
+
+    names = list(base)
+    shapes = {n: arrays.shape_of(base[n]) for n in names}
+    dtypes = {n: arrays.dtype_name(base[n]) for n in names}
+    labels = [f"fine-tuned model {i}" for i in range(len(finetuned))]
+    check_models(
+        names, shapes, dtypes,
+        [(list(m), {n: arrays.shape_of(m[n]) for n in m}, {n: arrays.dtype_name(m[n]) for n in m})
+         for m in finetuned],
+        labels,
+    )
+    plans = plan_tensors(spec, names, shapes, dtypes, exclude, out_dtype)
+
+    def core_item(plan: TensorPlan, out: Any) -> CoreItem:
+        return (
+            plan.name,
+            arrays.core_arg(base[plan.name]),
+            [arrays.core_arg(m[plan.name]) for m in finetuned],
+            None if out is None else arrays.core_arg(out),
+            plan.matrix,
+        )
+
+    float_plans = [p for p in plans if not p.copy]
+    if spec.uses_global_ties(method_params):
+        total = sum(arrays.numel(base[p.name]) for p in float_plans)
+        density = getattr(method_params, "density", 1.0)
+        options = global_ties_options(
+            lambda: ([core_item(p, None)] for p in float_plans),
+            len(finetuned), total, density, options,
+        )
+
+    merged: dict[str, Any] = {}
+    for plan in plans:
+        if plan.copy:
+            merged[plan.name] = arrays.copy_of(base[plan.name])
+            continue
+        out = arrays.empty_like(base[plan.name], plan.out_dtype)
+        core.merge_items(spec.kernel, [core_item(plan, out)], alpha, options)
+        merged[plan.name] = out
+    return merged

@@ -1,0 +1,390 @@
+"""Float64 NumPy ground truth for every isofast merging method.
+
+Written from docs/ALGORITHMS.md, DESIGN.md ("Rank-deficient inputs") and docs/CONTRACT.md
+only. Readability over speed: every SVD is numpy.linalg.svd(full_matrices=False).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+Array = NDArray[np.float64]
+Model = dict[str, np.ndarray]
+
+F64_EPS = float(np.finfo(np.float64).eps)
+ELEMENTWISE_METHODS = (
+    "weight_average",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "consensus",
+)
+
+
+# ----------------------------------------------------------------------------- linear algebra
+
+
+def _f64(deltas: Sequence[np.ndarray]) -> list[Array]:
+    if len(deltas) == 0:
+        raise ValueError("need at least one task")
+    out = [np.asarray(d, dtype=np.float64) for d in deltas]
+    if any(d.shape != out[0].shape for d in out):
+        raise ValueError("all task matrices must have the same shape")
+    return out
+
+
+def _tol(shape: tuple[int, ...], rank_tol: float | None, eps: float) -> float:
+    # CONTRACT.md: tol = rank_tol if given else max(m, n) * eps(compute dtype).
+    return float(rank_tol) if rank_tol is not None else max(shape) * float(eps)
+
+
+def range_block(a: Array, cut: float, limit: int | None = None) -> tuple[Array, Array, Array]:
+    """Leading singular triplets of `a` with sigma > cut, at most `limit` of them.
+
+    Returns (U, S, V) with U m x q, S (q,), V n x q (V, not V^T). A direction with
+    sigma <= cut is outside the numerical range and is dropped (CONTRACT.md rank rule).
+    """
+    u, s, vt = np.linalg.svd(a, full_matrices=False)
+    q = int(np.count_nonzero(s > cut))  # s is sorted descending, so the kept ones lead
+    if limit is not None:
+        q = min(q, max(int(limit), 0))
+    return u[:, :q], s[:q], vt[:q].T
+
+
+def polar(a: Array) -> Array:
+    """Polar factor P Q^T of the thin SVD a = P Sigma Q^T (an m x 0 input stays m x 0)."""
+    if a.shape[1] == 0:
+        return np.zeros_like(a)
+    p, _, qt = np.linalg.svd(a, full_matrices=False)
+    return p @ qt
+
+
+def _sigma_max(a: Array) -> float:
+    return float(np.linalg.svd(a, compute_uv=False)[0]) if a.size else 0.0
+
+
+# ----------------------------------------------------------------------------- per-tensor methods
+
+
+def weight_average(deltas: Sequence[np.ndarray]) -> Array:
+    return np.mean(np.stack(_f64(deltas)), axis=0)
+
+
+def task_arithmetic(deltas: Sequence[np.ndarray]) -> Array:
+    return np.sum(np.stack(_f64(deltas)), axis=0)
+
+
+def iso_c(
+    deltas: Sequence[np.ndarray], rank_tol: float | None = None, eps: float = F64_EPS
+) -> Array:
+    """sigma_bar * U_q V_q^T over the q directions of D = sum_t D_t above the cut."""
+    d = task_arithmetic(deltas)
+    cut = _tol(d.shape, rank_tol, eps) * _sigma_max(d)
+    u, s, v = range_block(d, cut)
+    if s.size == 0:  # all-zero (or numerically zero) sum: no direction to keep
+        return np.zeros_like(d)
+    return float(np.mean(s)) * (u @ v.T)
+
+
+def iso_cts_sizes(r: int, T: int, f: float = 0.8) -> tuple[int, int]:
+    """(k, s): common subspace size and per-task size, CONTRACT.md "Iso-CTS sizes"."""
+    if r < 0 or T < 1:
+        raise ValueError("need r >= 0 and T >= 1")
+    k0 = math.floor(f * r)
+    s_ts = round((r - k0) / T) * T  # Python round(): halves go to even, as specified
+    if s_ts > r:
+        s_ts = (r // T) * T
+    return r - s_ts, s_ts // T
+
+
+def iso_cts(
+    deltas: Sequence[np.ndarray],
+    common_space_fraction: float = 0.8,
+    rank_tol: float | None = None,
+    eps: float = F64_EPS,
+) -> Array:
+    ds = _f64(deltas)
+    d = np.sum(np.stack(ds), axis=0)
+    k, s = iso_cts_sizes(min(d.shape), len(ds), common_space_fraction)
+    # One scale for every block: sigma_max of the sum (CONTRACT.md).
+    cut = _tol(d.shape, rank_tol, eps) * _sigma_max(d)
+    u_k, s_k, v_k = range_block(d, cut, limit=k)  # k_eff = min(k, q)
+    us, ss, vs = [u_k], [s_k], [v_k]
+    for dt in ds:
+        # Left-side projection only; apply U_k (U_k^T D_t), never form U_k U_k^T.
+        rt = dt - u_k @ (u_k.T @ dt)
+        u_t, s_t, v_t = range_block(rt, cut, limit=s)
+        us.append(u_t)
+        ss.append(s_t)
+        vs.append(v_t)
+    s_cat = np.concatenate(ss)
+    if s_cat.size == 0:
+        return np.zeros_like(d)
+    sigma_bar = float(np.mean(s_cat))
+    return sigma_bar * (polar(np.hstack(us)) @ polar(np.hstack(vs)).T)
+
+
+def tsv_m(
+    deltas: Sequence[np.ndarray], rank_tol: float | None = None, eps: float = F64_EPS
+) -> Array:
+    ds = _f64(deltas)
+    shape = ds[0].shape
+    d_keep = min(shape) // len(ds)  # d = floor(r / T) triplets per task
+    tol = _tol(shape, rank_tol, eps)
+    us, ss, vs = [], [], []
+    for dt in ds:
+        # Per-task scale: sigma_max(D_t); zero columns are dropped, not stored.
+        u_t, s_t, v_t = range_block(dt, tol * _sigma_max(dt), limit=d_keep)
+        us.append(u_t)
+        ss.append(s_t)
+        vs.append(v_t)
+    s_cat = np.concatenate(ss)
+    if s_cat.size == 0:
+        return np.zeros(shape, dtype=np.float64)
+    return (polar(np.hstack(us)) * s_cat) @ polar(np.hstack(vs)).T
+
+
+# ----------------------------------------------------------------------------- elementwise (model)
+
+
+def _names(deltas_by_task: Sequence[Model]) -> list[str]:
+    if len(deltas_by_task) == 0:
+        raise ValueError("need at least one task")
+    names = list(deltas_by_task[0])
+    for task in deltas_by_task:
+        if set(task) != set(names):
+            raise ValueError("all tasks must share the same tensor names")
+    return names
+
+
+def _ties_trim(x: Array, density: float) -> Array:
+    """Keep entries with |x| >= the kth smallest |x|, kth = floor(n * (1 - density))."""
+    if not 0.0 <= density <= 1.0:
+        raise ValueError("density must be in [0, 1]")
+    kth = math.floor(x.size * (1 - density))
+    if kth < 1:
+        return x.copy()
+    mag = np.abs(x)
+    threshold = np.partition(mag, kth - 1)[kth - 1]  # 1-indexed kth smallest, ties counted
+    return np.where(mag >= threshold, x, 0.0)
+
+
+def _ties_vectors(trimmed: Array, merge: str) -> Array:
+    """Elect + disjoint merge on a (T, n) stack of trimmed vectors."""
+    s = np.sign(trimmed.sum(axis=0))
+    # Majority-sign fallback: sign of the sum of the elected signs over the same vector.
+    s = np.where(s == 0, np.sign(s.sum()), s)
+    agree = (trimmed != 0) & (np.sign(trimmed) == s)
+    total = np.where(agree, trimmed, 0.0).sum(axis=0)
+    if merge == "sum":
+        return total
+    if merge == "mean":
+        return total / np.maximum(agree.sum(axis=0), 1)
+    raise ValueError(f"unknown TIES merge {merge!r} (use 'mean' or 'sum')")
+
+
+def ties_model(
+    deltas_by_task: Sequence[Model],
+    density: float = 0.2,
+    trim: str = "global",
+    merge: str = "mean",
+) -> dict[str, Array]:
+    names = _names(deltas_by_task)
+    shapes = {n: np.shape(deltas_by_task[0][n]) for n in names}
+    if trim == "tensor":
+        out = {}
+        for n in names:
+            stack = np.stack(
+                [_ties_trim(np.asarray(t[n], np.float64).ravel(), density) for t in deltas_by_task]
+            )
+            out[n] = _ties_vectors(stack, merge).reshape(shapes[n])
+        return out
+    if trim != "global":
+        raise ValueError(f"unknown TIES trim {trim!r} (use 'global' or 'tensor')")
+    # Global: each task vector is the whole model flattened (trim and majority sign both).
+    flat = [
+        np.concatenate([np.asarray(t[n], np.float64).ravel() for n in names] or [np.zeros(0)])
+        for t in deltas_by_task
+    ]
+    merged = _ties_vectors(np.stack([_ties_trim(x, density) for x in flat]), merge)
+    out, start = {}, 0
+    for n in names:
+        size = math.prod(shapes[n])
+        out[n] = merged[start : start + size].reshape(shapes[n])
+        start += size
+    return out
+
+
+_U64 = np.uint64
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(z: NDArray[np.uint64]) -> NDArray[np.uint64]:
+    """splitmix64 finalizer, mod 2^64 (uint64 wrap-around is the intended arithmetic)."""
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
+        return z ^ (z >> _U64(31))
+
+
+def _fnv1a64(name: str) -> int:
+    h = 0xCBF29CE484222325
+    for b in name.encode("utf-8"):
+        h = ((h ^ b) * 0x100000001B3) & _MASK64
+    return h
+
+
+def dare_mask(
+    seed: int, name: str, task_index: int, shape: Sequence[int] | int, drop_rate: float
+) -> NDArray[np.bool_]:
+    """Keep mask of DARE for one tensor of one task (CONTRACT.md counter-based RNG)."""
+    key = _mix(np.array(seed & _MASK64, dtype=np.uint64))
+    key = _mix(key ^ _U64(_fnv1a64(name)))
+    key = _mix(key ^ _U64(task_index & _MASK64))
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    i = np.arange(1, math.prod(shape) + 1, dtype=np.uint64)  # i + 1, i the flat row-major index
+    with np.errstate(over="ignore"):
+        z = key + i * _U64(0x9E3779B97F4A7C15)
+    u = (_mix(z) >> _U64(11)).astype(np.float64) * 2.0**-53  # exact: 53-bit integers
+    return (u >= drop_rate).reshape(shape)
+
+
+def dare_model(
+    deltas_by_task: Sequence[Model], seed: int = 0, drop_rate: float = 0.5
+) -> list[dict[str, Array]]:
+    """DARE(D_t) for every task and tensor; the tensor name and task position key the RNG."""
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError("drop_rate must be in [0, 1)")
+    names = _names(deltas_by_task)
+    out = []
+    for t, task in enumerate(deltas_by_task):
+        rescaled = {}
+        for n in names:
+            x = np.asarray(task[n], dtype=np.float64)
+            keep = dare_mask(seed, n, t, x.shape, drop_rate)
+            rescaled[n] = np.where(keep, x / (1.0 - drop_rate), 0.0)
+        out.append(rescaled)
+    return out
+
+
+def _sum_model(deltas_by_task: Sequence[Model]) -> dict[str, Array]:
+    return {n: task_arithmetic([t[n] for t in deltas_by_task]) for n in _names(deltas_by_task)}
+
+
+def dare_linear_model(
+    deltas_by_task: Sequence[Model], seed: int = 0, drop_rate: float = 0.5
+) -> dict[str, Array]:
+    return _sum_model(dare_model(deltas_by_task, seed=seed, drop_rate=drop_rate))
+
+
+def dare_ties_model(
+    deltas_by_task: Sequence[Model],
+    seed: int = 0,
+    drop_rate: float = 0.5,
+    density: float = 1.0,
+    trim: str = "global",
+    merge: str = "mean",
+) -> dict[str, Array]:
+    dared = dare_model(deltas_by_task, seed=seed, drop_rate=drop_rate)
+    return ties_model(dared, density=density, trim=trim, merge=merge)
+
+
+def consensus_model(
+    deltas_by_task: Sequence[Model],
+    lam: float = 0.4,
+    min_agree: int = 2,
+    apply_to: str = "ta",
+    **ties_params: Any,
+) -> dict[str, Array]:
+    names = _names(deltas_by_task)
+    if apply_to == "ta":
+        if ties_params:
+            raise TypeError(f"TIES parameters {sorted(ties_params)} need apply_to='ties'")
+        merged = _sum_model(deltas_by_task)
+    elif apply_to == "ties":
+        merged = ties_model(deltas_by_task, **ties_params)
+    else:
+        raise ValueError(f"unknown consensus apply_to {apply_to!r} (use 'ta' or 'ties')")
+    out = {}
+    for n in names:
+        ds = np.stack(_f64([t[n] for t in deltas_by_task]))
+        tau_mtl = ds.sum(axis=0)
+        masks = np.abs(ds) >= lam * np.abs(tau_mtl - ds)  # TALL mask m_t per task
+        out[n] = np.where(masks.sum(axis=0) >= min_agree, merged[n], 0.0)
+    return out
+
+
+# ----------------------------------------------------------------------------- whole-model merge
+
+
+def _is_copied(x: np.ndarray) -> bool:
+    return np.asarray(x).dtype.kind in "biu"  # bool, signed and unsigned integers
+
+
+_MATRIX_FNS: dict[str, Callable[..., Array]] = {"tsv_m": tsv_m, "iso_c": iso_c, "iso_cts": iso_cts}
+
+
+def merge_model(
+    base: Model,
+    finetuned: Sequence[Model],
+    method: str,
+    alpha: float = 1.0,
+    exclude: Sequence[str] = ("text_projection",),
+    seed: int = 0,
+    eps: float = F64_EPS,
+    **params: Any,
+) -> dict[str, np.ndarray]:
+    """theta0 + alpha * M per CONTRACT.md's tensor kinds; int/bool tensors copied from base."""
+    if len(finetuned) == 0:
+        raise ValueError("need at least one fine-tuned model")
+    for ft in finetuned:
+        if set(ft) != set(base):
+            raise ValueError("fine-tuned models must have the base model's tensor names")
+        for n, x in base.items():
+            if np.shape(ft[n]) != np.shape(x):
+                raise ValueError(f"shape mismatch for {n!r}")
+
+    out: dict[str, np.ndarray] = {n: np.array(x, copy=True) for n, x in base.items()}
+    floats = [n for n, x in base.items() if not _is_copied(x)]
+    theta0 = {n: np.asarray(base[n], dtype=np.float64) for n in floats}
+    deltas = [
+        {n: np.asarray(ft[n], dtype=np.float64) - theta0[n] for n in floats} for ft in finetuned
+    ]
+
+    m: dict[str, Array]
+    if method in ("weight_average", "task_arithmetic") and params:
+        raise TypeError(f"{method} takes no parameters, got {sorted(params)}")
+    if method in _MATRIX_FNS:
+        matrix_fn = _MATRIX_FNS[method]
+        m = {}
+        for n in floats:
+            per_task = [t[n] for t in deltas]
+            if theta0[n].ndim == 2 and not any(e in n for e in exclude):
+                m[n] = matrix_fn(per_task, eps=eps, **params)
+            else:
+                m[n] = weight_average(per_task)
+    elif method == "weight_average":
+        m = {n: weight_average([t[n] for t in deltas]) for n in floats}
+    elif method == "task_arithmetic":
+        m = _sum_model(deltas)
+    elif method == "ties":
+        m = ties_model(deltas, **params)
+    elif method == "dare_linear":
+        m = dare_linear_model(deltas, seed=seed, **params)
+    elif method == "dare_ties":
+        m = dare_ties_model(deltas, seed=seed, **params)
+    elif method == "consensus":
+        m = consensus_model(deltas, **params)
+    else:
+        known = ", ".join(ELEMENTWISE_METHODS + tuple(_MATRIX_FNS))
+        raise ValueError(f"unknown method {method!r}; known: {known}")
+
+    for n in floats:
+        out[n] = theta0[n] + alpha * m[n]
+    return out
