@@ -85,3 +85,34 @@ def numel(x: Any) -> int:
     for s in shape_of(x):
         n *= s
     return n
+
+
+# safetensors dtype spelling <-> isofast dtype names.
+SAFETENSORS_TO_NAME = {
+    "F32": "float32",
+    "F64": "float64",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "BOOL": "bool",
+}
+NAME_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_TO_NAME.items()}
+
+
+def storage_bits(x: Any) -> np.ndarray:
+    """The numpy array whose bytes are written to disk for a merged output."""
+    if isinstance(x, Bf16Array):
+        return x.bits
+    if is_torch(x):
+        torch = _torch()
+        if x.dtype == torch.bfloat16:
+            return np.asarray(x.view(torch.uint16).numpy())
+        return np.asarray(x.numpy())
+    return np.asarray(x)

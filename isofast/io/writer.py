@@ -1,0 +1,457 @@
+"""`CheckpointWriter`: stream tensors into sharded safetensors files, published atomically.
+
+Everything is written inside a hidden temporary sibling of `out_dir`
+(`.{name}.isofast-tmp-<pid>-<random>`); only `finalize()` fsyncs it and renames it to
+`out_dir`, so an interrupted write never leaves a folder that looks finished.
+
+Each tensor's bytes go to the current shard file as soon as it is added; nothing is held
+back in memory. A shard file starts with a reserved header area (the JSON header may be
+trailed by spaces, which the format allows): at shard close the header is written into it.
+When the header outgrows the reservation, the shard is rewritten once with the header in
+front (a kernel-side copy), and later shards reserve more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from isofast.io.dtypes import DTYPE_ITEMSIZE, dtype_str_for_numpy, is_compatible
+from isofast.io.errors import CheckpointError
+from isofast.io.safetensors_format import (
+    METADATA_KEY,
+    encode_header,
+    pack_header_length,
+)
+from isofast.io.side_files import SIDE_FILE_PATTERNS, copy_side_files, is_weight_file_name
+
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "CheckpointWriter", "shard_name"]
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_PAGE = 4096
+_COPY_CHUNK = 64 << 20
+
+
+def shard_name(index: int, count: int) -> str:
+    """Hugging Face shard name, 1-based: model-00001-of-00003.safetensors."""
+    width = max(5, len(str(count)))
+    return f"model-{index:0{width}d}-of-{count:0{width}d}.safetensors"
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def _mkdir_unique(parent: Path, prefix: str) -> Path:
+    """A new folder `prefix<random>` in `parent`, with the usual umask-derived mode.
+
+    (tempfile.mkdtemp would make it 0700, and the rename would carry that mode over to the
+    published checkpoint.)
+    """
+    for _ in range(100):
+        path = parent / f"{prefix}{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(errno.EEXIST, "cannot create a unique temporary folder", str(parent))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _copy_range(src: int, src_off: int, dst: int, dst_off: int, count: int) -> None:
+    """Copy bytes between files, in the kernel when it can (copy_file_range)."""
+    copy_file_range = getattr(os, "copy_file_range", None)
+    while count > 0 and copy_file_range is not None:
+        try:
+            n = copy_file_range(src, dst, min(count, _COPY_CHUNK), src_off, dst_off)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            break
+        if n == 0:
+            break
+        src_off, dst_off, count = src_off + n, dst_off + n, count - n
+    while count > 0:
+        chunk = os.pread(src, min(count, _COPY_CHUNK), src_off)
+        if not chunk:
+            raise OSError(errno.EIO, "unexpected end of file while copying shard data")
+        done = 0
+        while done < len(chunk):
+            done += os.pwrite(dst, memoryview(chunk)[done:], dst_off + done)
+        src_off, dst_off, count = src_off + len(chunk), dst_off + len(chunk), count - len(chunk)
+
+
+@dataclass
+class _Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+class _Shard:
+    """One shard file being written: [8-byte length][reserved header][data...]."""
+
+    def __init__(self, path: Path, reserve: int) -> None:
+        self.path = path
+        self.reserve = reserve  # header bytes reserved; 8 + reserve is page-aligned
+        self.data_start = 8 + reserve
+        self.entries: list[_Entry] = []
+        self.data_bytes = 0
+        self.header_bytes = 0
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
+        os.lseek(self.fd, self.data_start, os.SEEK_SET)
+
+    def write(self, name: str, dtype: str, shape: tuple[int, ...], data: memoryview) -> None:
+        begin = self.data_bytes
+        _write_all(self.fd, data)
+        self.data_bytes += len(data)
+        self.entries.append(_Entry(name, dtype, shape, begin, self.data_bytes))
+
+    def close(self, metadata: Mapping[str, str]) -> None:
+        """Write the header, fsync, close. Rewrites the file if the header does not fit."""
+        header = encode_header(
+            [(e.name, e.dtype, e.shape, e.begin, e.end) for e in self.entries], metadata
+        )
+        self.header_bytes = len(header)
+        if len(header) <= self.reserve:
+            padded = header + b" " * (self.reserve - len(header))
+            os.pwrite(self.fd, pack_header_length(self.reserve) + padded, 0)
+            os.fsync(self.fd)
+            os.close(self.fd)
+            return
+        # Header outgrew the reservation: rewrite with the header in front, padded so the
+        # data section starts 8-byte aligned.
+        size = _round_up(8 + len(header), 8) - 8
+        relayout = self.path.with_name(self.path.name + ".relayout")
+        try:
+            out = os.open(relayout, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            try:
+                prefix = pack_header_length(size) + header + b" " * (size - len(header))
+                _write_all(out, memoryview(prefix))
+                _copy_range(self.fd, self.data_start, out, 8 + size, self.data_bytes)
+                os.fsync(out)
+            finally:
+                os.close(out)
+        finally:
+            os.close(self.fd)
+        os.replace(relayout, self.path)
+
+    def discard(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class CheckpointWriter:
+    """Write a (possibly sharded) safetensors checkpoint folder, atomically.
+
+    Usage::
+
+        with CheckpointWriter(out_dir, max_shard_bytes=5 * 2**30) as w:
+            for name, array, dtype in tensors:
+                w.add(name, array, dtype)
+            w.copy_side_files(base_dir)
+            w.write_text("README.md", card)
+        # clean exit -> finalize(); exception -> abort()
+
+    Tensors land in shards in the order added; a shard is closed when the next tensor would
+    push its data past `max_shard_bytes` (a bigger tensor gets a shard of its own). One
+    shard gives a single `model.safetensors`; more give `model-0000i-of-0000N.safetensors`
+    plus `model.safetensors.index.json` (metadata.total_size and weight_map). `metadata`
+    (str -> str) goes into every shard's `__metadata__` (with "format": "pt", which
+    transformers expects) and into the index's metadata.
+
+    Not thread-safe: call it from one thread.
+    """
+
+    #: header bytes reserved in the first shard (8 + this is page-aligned).
+    initial_header_reserve: int = 64 * 1024 - 8
+
+    def __init__(
+        self,
+        out_dir: str | os.PathLike[str],
+        max_shard_bytes: int = 5 * 2**30,
+        metadata: Mapping[str, str] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> None:
+        if max_shard_bytes <= 0:
+            raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
+        meta = dict(metadata or {})
+        for k, v in meta.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"metadata must map str to str; got {k!r}: {v!r}")
+        self.out_dir = Path(os.path.abspath(out_dir))
+        self.max_shard_bytes = max_shard_bytes
+        self.overwrite = overwrite
+        self._shard_metadata = {"format": "pt", **meta}
+        self._index_metadata: dict[str, Any] = dict(meta)
+        self._check_target()
+        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = _mkdir_unique(
+            self.out_dir.parent, f".{self.out_dir.name}.isofast-tmp-{os.getpid()}-"
+        )
+        self._reserve = self.initial_header_reserve
+        self._current: _Shard | None = None
+        self._done: list[_Shard] = []
+        self._names: set[str] = set()
+        self._total = 0
+        self._state = "open"  # open | broken | finalized | aborted
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def finalized(self) -> bool:
+        return self._state == "finalized"
+
+    @property
+    def total_bytes(self) -> int:
+        """Sum of tensor data bytes added so far (index metadata.total_size)."""
+        return self._total
+
+    def _check_target(self) -> None:
+        out = self.out_dir
+        if not (out.exists() or out.is_symlink()):
+            return
+        if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+            return
+        if not self.overwrite:
+            raise FileExistsError(
+                errno.EEXIST,
+                "output path exists and is not an empty folder (pass overwrite=True)",
+                str(out),
+            )
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"{self.out_dir}: writer is {self._state}; cannot write more")
+
+    # -- tensors ----------------------------------------------------------------------
+    def add(self, name: str, array: npt.ArrayLike, dtype_str: str | None = None) -> None:
+        """Append one tensor. Its bytes are on disk (page cache) when this returns.
+
+        `dtype_str` is the safetensors dtype to record ("F32", "BF16", ...); by default it is
+        inferred from the array. No conversion happens: BF16 and F8_* data must come as raw
+        bits (uint16 / uint8, or the ml_dtypes types), everything else as its exact numpy
+        dtype. Non-contiguous or big-endian arrays are copied once.
+        """
+        self._require_open()
+        where = f"{self.out_dir}: tensor {name!r}"
+        if not isinstance(name, str) or not name or name == METADATA_KEY:
+            raise CheckpointError(f"{where}: not a valid tensor name")
+        if name in self._names:
+            raise CheckpointError(f"{where}: added twice")
+        arr = np.asarray(array)
+        if dtype_str is None:
+            dtype_str = dtype_str_for_numpy(arr.dtype)
+            if dtype_str is None:
+                raise CheckpointError(
+                    f"{where}: no safetensors dtype for numpy {arr.dtype}; pass dtype_str"
+                )
+        elif dtype_str not in DTYPE_ITEMSIZE:
+            known = ", ".join(sorted(DTYPE_ITEMSIZE))
+            raise CheckpointError(f"{where}: unknown dtype {dtype_str!r} (known: {known})")
+        if not is_compatible(arr.dtype, dtype_str):
+            raise CheckpointError(
+                f"{where}: numpy {arr.dtype} data cannot be written as {dtype_str} without a "
+                "conversion; convert it first"
+            )
+        shape = tuple(int(d) for d in arr.shape)
+        little = arr.dtype.newbyteorder("<")
+        if arr.dtype != little:
+            arr = arr.astype(little)
+        raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+
+        if (
+            self._current is not None
+            and self._current.entries
+            and self._current.data_bytes + raw.nbytes > self.max_shard_bytes
+        ):
+            self._close_current()
+        if self._current is None:
+            self._open_shard()
+        assert self._current is not None
+        try:
+            self._current.write(name, dtype_str, shape, raw.data)
+        except BaseException:
+            self._state = "broken"
+            raise
+        self._names.add(name)
+        self._total += raw.nbytes
+
+    def _open_shard(self) -> None:
+        path = self.tmp_dir / f"shard-{len(self._done) + 1:05d}.partial"
+        self._current = _Shard(path, self._reserve)
+
+    def _close_current(self) -> None:
+        shard, self._current = self._current, None
+        if shard is None:
+            return
+        try:
+            shard.close(self._shard_metadata)
+        except BaseException:
+            self._state = "broken"
+            raise
+        self._done.append(shard)
+        # Next shards reserve twice the largest header seen (rounded to a page).
+        want = _round_up(8 + 2 * shard.header_bytes, _PAGE) - 8
+        self._reserve = max(self._reserve, want)
+
+    # -- side files -------------------------------------------------------------------
+    def copy_side_files(
+        self, src_dir: str | os.PathLike[str], patterns: Iterable[str] = SIDE_FILE_PATTERNS
+    ) -> list[str]:
+        """Copy config/tokenizer/... files of `src_dir` into the output (see side_files)."""
+        self._require_open()
+        return copy_side_files(src_dir, self.tmp_dir, patterns)
+
+    def write_text(self, relative_name: str, text: str) -> None:
+        """Write a UTF-8 text file (model card, merge config) into the output folder."""
+        self._require_open()
+        rel = PurePosixPath(relative_name)
+        if (
+            not relative_name
+            or rel.is_absolute()
+            or any(p in ("..", ".") for p in rel.parts)
+            or "\\" in relative_name
+        ):
+            raise ValueError(f"{relative_name!r} is not a plain relative path")
+        if is_weight_file_name(rel.name):
+            raise ValueError(f"{relative_name!r} would clash with the checkpoint's weight files")
+        dest = self.tmp_dir.joinpath(*rel.parts)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(dest, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    # -- finishing --------------------------------------------------------------------
+    def finalize(self) -> Path:
+        """Close the last shard, name shards, write the index, publish `out_dir` atomically.
+
+        Returns `out_dir`. On failure the temporary folder is kept for `abort()`.
+        """
+        self._require_open()
+        try:
+            self._finish()
+        except BaseException:
+            self._state = "broken"
+            raise
+        self._state = "finalized"
+        return self.out_dir
+
+    def _finish(self) -> None:
+        self._close_current()
+        if not self._done:  # no tensors: still a valid (empty) safetensors file
+            self._open_shard()
+            self._close_current()
+        count = len(self._done)
+        if count == 1:
+            os.rename(self._done[0].path, self.tmp_dir / SINGLE_NAME)
+        else:
+            weight_map: dict[str, str] = {}
+            for i, shard in enumerate(self._done, start=1):
+                final = shard_name(i, count)
+                os.rename(shard.path, self.tmp_dir / final)
+                weight_map.update((e.name, final) for e in shard.entries)
+            index = {
+                "metadata": {**self._index_metadata, "total_size": self._total},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
+            with open(self.tmp_dir / INDEX_NAME, "w", encoding="utf-8") as f:
+                f.write(json.dumps(index, indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        for dirpath, _, _ in os.walk(self.tmp_dir):
+            _fsync_dir(Path(dirpath))
+        self._publish()
+
+    def _publish(self) -> None:
+        out, parent = self.out_dir, self.out_dir.parent
+        self._check_target()
+        old: Path | None = None
+        if out.exists() or out.is_symlink():
+            if out.is_dir() and not out.is_symlink() and not any(out.iterdir()):
+                out.rmdir()
+            else:
+                old = _mkdir_unique(parent, f".{out.name}.isofast-old-{os.getpid()}-")
+                os.rename(out, old / "previous")
+        try:
+            os.rename(self.tmp_dir, out)
+        except OSError as e:
+            if old is not None:
+                os.rename(old / "previous", out)
+                old.rmdir()
+            if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise FileExistsError(
+                    errno.EEXIST, "output path appeared while writing", str(out)
+                ) from e
+            raise
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Discard everything written so far (idempotent; a no-op after finalize)."""
+        if self._state in ("finalized", "aborted"):
+            return
+        if self._current is not None:
+            self._current.discard()
+            self._current = None
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
+        self._state = "aborted"
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif self._state == "open":
+            try:
+                self.finalize()
+            except BaseException:
+                self.abort()
+                raise
+        elif self._state == "broken":
+            # An earlier error was caught inside the with-block: never publish half a model.
+            self.abort()
+            raise RuntimeError(f"{self.out_dir}: an earlier write failed; output discarded")
+
+    def __repr__(self) -> str:
+        return (
+            f"CheckpointWriter({str(self.out_dir)!r}, {len(self._names)} tensors, "
+            f"{self._total} bytes, {self._state})"
+        )

@@ -1,0 +1,175 @@
+"""Out-of-core merging of checkpoints on disk: read memory-mapped tensors lazily, merge one work
+item at a time in the core while the next item is prefetched and the previous one written, and
+publish the output folder atomically."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from isofast import arrays
+from isofast._native import core
+from isofast.errors import MergeInputError
+from isofast.io import CheckpointReader, CheckpointWriter
+from isofast.merge import (
+    TensorPlan,
+    check_alpha,
+    check_models,
+    core_options,
+    plan_tensors,
+)
+from isofast.methods import get_method
+from isofast.model_card import model_card, merge_config_yaml
+from isofast.ties_global import CoreItem, global_ties_options
+
+Progress = Callable[[str, int], None]  # (tensor name, bytes read for it)
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """Everything one checkpoint merge needs (what a YAML config describes)."""
+
+    base: str
+    models: tuple[str, ...]
+    method: str = "iso_cts"
+    alpha: float = 1.0
+    params: Mapping[str, Any] | None = None
+    compute_dtype: str = "float32"
+    out_dtype: str | None = None
+    exclude: tuple[str, ...] = ("text_projection",)
+    seed: int = 0
+    threads: int | None = None
+    max_shard_bytes: int = 5 * 2**30
+    allow_pickle: bool = False
+
+
+class OpenModels:
+    """The base and fine-tuned checkpoints, opened lazily and validated from headers."""
+
+    def __init__(self, request: MergeRequest) -> None:
+        paths = [request.base, *request.models]
+        for p in paths:
+            if not os.path.exists(p):
+                raise MergeInputError(f"model path does not exist: {p}")
+        self.labels = [f"base model {request.base}"] + [f"model {p}" for p in request.models]
+        self.readers = [CheckpointReader(p, allow_pickle=request.allow_pickle) for p in paths]
+        infos = [r.infos() for r in self.readers]
+        self.names = list(self.readers[0].names())
+        self.shapes = {n: tuple(infos[0][n].shape) for n in self.names}
+        self.dtypes = {n: arrays.SAFETENSORS_TO_NAME.get(infos[0][n].dtype, infos[0][n].dtype)
+                       for n in self.names}
+        check_models(
+            self.names, self.shapes, self.dtypes,
+            [(list(info), {n: tuple(i.shape) for n, i in info.items()},
+              {n: arrays.SAFETENSORS_TO_NAME.get(i.dtype, i.dtype) for n, i in info.items()})
+             for info in infos[1:]],
+            self.labels[1:],
+        )
+        self.nbytes = {n: sum(info[n].nbytes for info in infos) for n in self.names}
+
+    def view(self, model: int, name: str) -> Any:
+        arr = self.readers[model].get(name)
+        return arrays.Bf16Array(arr) if self.dtypes[name] == "bfloat16" else arr
+
+    def prefetch(self, name: str) -> None:
+        for r in self.readers:
+            r.prefetch([name])
+
+    def close(self) -> None:
+        for r in self.readers:
+            r.close()
+
+
+def _core_item(models: OpenModels, plan: TensorPlan, out: Any) -> CoreItem:
+    return (
+        plan.name,
+        arrays.core_arg(models.view(0, plan.name)),
+        [arrays.core_arg(models.view(i, plan.name)) for i in range(1, len(models.readers))],
+        None if out is None else arrays.core_arg(out),
+        plan.matrix,
+    )
+
+
+def merge_checkpoints(
+    request: MergeRequest,
+    out_dir: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    config_text: str | None = None,
+) -> Path:
+    """Merge checkpoints on disk into `out_dir` (sharded safetensors + index + model card)."""
+    spec = get_method(request.method)
+    params = spec.make_params(dict(request.params or {}))
+    alpha = check_alpha(request.alpha)
+    options = core_options(params, request.compute_dtype, request.seed, request.threads)
+    models = OpenModels(request)
+    try:
+        plans = plan_tensors(spec, models.names, models.shapes, models.dtypes, request.exclude,
+                             request.out_dtype)
+        float_plans = [p for p in plans if not p.copy]
+        if spec.uses_global_ties(params):
+            total = sum(_numel(models.shapes[p.name]) for p in float_plans)
+            options = global_ties_options(
+                lambda: ([_core_item(models, p, None)] for p in float_plans),
+                len(request.models), total, getattr(params, "density", 1.0), options,
+            )
+        metadata = {"isofast_method": spec.name, "isofast_alpha": repr(alpha)}
+        with CheckpointWriter(out_dir, request.max_shard_bytes, metadata,
+                              overwrite=overwrite) as writer:
+            for name, out, dtype in _stream(models, plans, spec.kernel, alpha, options, progress):
+                writer.add(name, arrays.storage_bits(out), arrays.NAME_TO_SAFETENSORS[dtype])
+            base_dir = Path(request.base)
+            writer.copy_side_files(base_dir if base_dir.is_dir() else base_dir.parent)
+            writer.write_text("README.md", model_card(request, spec.name, params))
+            writer.write_text("isofast_config.yml", config_text or merge_config_yaml(request))
+        return Path(os.path.abspath(out_dir))
+    finally:
+        models.close()
+
+
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _stream(
+    models: OpenModels,
+    plans: Sequence[TensorPlan],
+    kernel: str,
+    alpha: float,
+    options: dict[str, Any],
+    progress: Progress | None,
+) -> Iterator[tuple[str, Any, str]]:
+    """Merged tensors in plan order. Item k+1 is merged on a worker thread (the core releases
+    the GIL) while the caller writes item k; each merge first asks the kernel to read ahead the
+    pages of the item after it."""
+
+    def run(i: int) -> Any:
+        plan = plans[i]
+        if i + 1 < len(plans):
+            models.prefetch(plans[i + 1].name)
+        if plan.copy:
+            return models.view(0, plan.name)
+        out = arrays.empty_like(models.view(0, plan.name), plan.out_dtype)
+        core.merge_items(kernel, [_core_item(models, plan, out)], alpha, options)
+        return out
+
+    if not plans:
+        return
+    models.prefetch(plans[0].name)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="isofast-merge") as pool:
+        pending: Future[Any] = pool.submit(run, 0)
+        for i, plan in enumerate(plans):
+            out = pending.result()
+            if i + 1 < len(plans):
+                pending = pool.submit(run, i + 1)
+            if progress is not None:
+                progress(plan.name, models.nbytes[plan.name])
+            yield plan.name, out, plan.out_dtype
