@@ -18,7 +18,7 @@ from isofast.io import CheckpointError
 EPILOG = """examples:
   isofast demo                                  merge small generated checkpoints, print a table
   isofast methods                               list methods, parameters and defaults
-  isofast merge config.yml out/                 merge as a YAML config says (isofast or mergekit schema)
+  isofast merge config.yml out/                 merge as a YAML config says (isofast or mergekit)
   isofast merge out/ --base B --model M1 --model M2 --method iso_cts --alpha 1.0
   isofast plan config.yml                       validate from headers only; print work and memory
 """
@@ -39,27 +39,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    merge = sub.add_parser("merge", help="merge checkpoints into a new folder",
-                           description="Merge checkpoints. Either `merge CONFIG OUT` with a YAML "
-                           "config, or `merge OUT --base B --model M ...` with flags.")
-    merge.add_argument("args", nargs="+", metavar="CONFIG OUT | OUT",
-                       help="a YAML config and the output folder, or just the output folder")
+    merge = sub.add_parser(
+        "merge",
+        help="merge checkpoints into a new folder",
+        description="Merge checkpoints. Either `merge CONFIG OUT` with a YAML "
+        "config, or `merge OUT --base B --model M ...` with flags.",
+    )
+    merge.add_argument(
+        "args",
+        nargs="+",
+        metavar="CONFIG OUT | OUT",
+        help="a YAML config and the output folder, or just the output folder",
+    )
     _add_request_flags(merge)
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
     merge.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
-    plan = sub.add_parser("plan", help="validate a merge from file headers and print its plan",
-                          description="Check every model path, tensor name, shape and dtype "
-                          "from headers only (no tensor data is read) and print the work items, "
-                          "estimated peak memory and output size.")
+    plan = sub.add_parser(
+        "plan",
+        help="validate a merge from file headers and print its plan",
+        description="Check every model path, tensor name, shape and dtype "
+        "from headers only (no tensor data is read) and print the work items, "
+        "estimated peak memory and output size.",
+    )
     plan.add_argument("config", nargs="?", help="YAML config (or use the flags)")
     _add_request_flags(plan)
 
     sub.add_parser("methods", help="list merging methods with parameters and defaults")
 
-    demo = sub.add_parser("demo", help="merge small generated checkpoints with every method",
-                          description="Write a small base model and bf16 fine-tunes to a "
-                          "temporary folder, merge them with every method, print a table.")
+    demo = sub.add_parser(
+        "demo",
+        help="merge small generated checkpoints with every method",
+        description="Write a small base model and bf16 fine-tunes to a "
+        "temporary folder, merge them with every method, print a table.",
+    )
     demo.add_argument("--tasks", type=int, default=4, help="number of fine-tunes (default 4)")
     demo.add_argument("--keep", metavar="DIR", help="write into DIR and keep it")
     return parser
@@ -71,17 +84,28 @@ def _add_request_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", action="append", default=None, help="fine-tuned model (repeat)")
     g.add_argument("--method", help="merge method (see `isofast methods`), default iso_cts")
     g.add_argument("--alpha", type=float, help="scale of the merged update, default 1.0")
-    g.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
-                   help="method parameter, e.g. --param density=0.2 (repeat)")
+    g.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="method parameter, e.g. --param density=0.2 (repeat)",
+    )
     g.add_argument("--dtype", choices=["float32", "float64"], help="compute dtype")
-    g.add_argument("--out-dtype", choices=["float32", "float16", "bfloat16", "float64"],
-                   help="output dtype (default: each tensor keeps the base model's dtype)")
+    g.add_argument(
+        "--out-dtype",
+        choices=["float32", "float16", "bfloat16", "float64"],
+        help="output dtype (default: each tensor keeps the base model's dtype)",
+    )
     g.add_argument("--exclude", action="append", help="name substring kept out of matrix methods")
     g.add_argument("--seed", type=int, help="seed for DARE")
     g.add_argument("--threads", type=int, help="compute threads (default: all cores)")
     g.add_argument("--out-shard-size", help="max output shard size, e.g. 5GB (default 5GiB)")
-    g.add_argument("--allow-pickle", action="store_true",
-                   help="allow torch files that need full unpickling (runs code: trust them!)")
+    g.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="allow torch files that need full unpickling (runs code: trust them!)",
+    )
 
 
 def _request_from(args: argparse.Namespace, config: str | None) -> Any:
@@ -101,8 +125,14 @@ def _request_from(args: argparse.Namespace, config: str | None) -> Any:
         changes["base"] = args.base
     if args.model and config:
         changes["models"] = tuple(args.model)
-    for flag, field in [("method", "method"), ("alpha", "alpha"), ("dtype", "compute_dtype"),
-                        ("out_dtype", "out_dtype"), ("seed", "seed"), ("threads", "threads")]:
+    for flag, field in [
+        ("method", "method"),
+        ("alpha", "alpha"),
+        ("dtype", "compute_dtype"),
+        ("out_dtype", "out_dtype"),
+        ("seed", "seed"),
+        ("threads", "threads"),
+    ]:
         if getattr(args, flag) is not None:
             changes[field] = getattr(args, flag)
     if args.exclude is not None:
@@ -139,12 +169,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     plan = make_plan(request)  # validates everything from headers before any data is read
     start = time.perf_counter()
     with ProgressBar(plan.total_input_bytes, len(plan.items), disable=args.quiet) as bar:
-        path = merge_checkpoints(request, out, overwrite=args.overwrite, progress=bar.update,
-                                 config_text=merge_config_yaml(request))
+        path = merge_checkpoints(
+            request,
+            out,
+            overwrite=args.overwrite,
+            progress=bar.update,
+            config_text=merge_config_yaml(request),
+        )
     if not args.quiet:
         seconds = time.perf_counter() - start
-        print(f"merged {len(request.models)} models with {request.method} into {path} "
-              f"in {seconds:.1f} s")
+        print(
+            f"merged {len(request.models)} models with {request.method} into {path} "
+            f"in {seconds:.1f} s"
+        )
     return 0
 
 

@@ -13,12 +13,32 @@ from isofast.errors import MergeInputError
 from isofast.pipeline import MergeRequest
 
 _OWN_KEYS = {
-    "base_model", "models", "method", "alpha", "parameters", "dtype", "out_dtype", "exclude",
-    "seed", "threads", "out_shard_size", "allow_pickle",
+    "base_model",
+    "models",
+    "method",
+    "alpha",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "exclude",
+    "seed",
+    "threads",
+    "out_shard_size",
+    "allow_pickle",
 }
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "m": 10**6,
+    "g": 10**9,
+    "t": 10**12,
+    "ki": 2**10,
+    "mi": 2**20,
+    "gi": 2**30,
+    "ti": 2**40,
+}
 
 
 def parse_size(value: str | int) -> int:
@@ -49,9 +69,12 @@ def load_config(path: str | Path) -> MergeRequest:
 
 def _resolve_paths(request: MergeRequest, root: Path) -> MergeRequest:
     """Relative model paths are relative to the config file's folder."""
+
     def fix(p: str) -> str:
         return p if Path(p).is_absolute() else str((root / p).resolve())
+
     from dataclasses import replace
+
     return replace(request, base=fix(request.base), models=tuple(fix(m) for m in request.models))
 
 
@@ -66,7 +89,9 @@ def _model_path(entry: Any, where: str) -> str:
 def from_isofast(data: Mapping[str, Any], path: Path) -> MergeRequest:
     unknown = sorted(set(data) - _OWN_KEYS)
     if unknown:
-        raise MergeInputError(f"{path}: unknown config key(s) {unknown}; known: {sorted(_OWN_KEYS)}")
+        raise MergeInputError(
+            f"{path}: unknown config key(s) {unknown}; known: {sorted(_OWN_KEYS)}"
+        )
     for key in ("base_model", "models"):
         if key not in data:
             raise MergeInputError(f"{path}: missing required key '{key}'")
@@ -97,8 +122,14 @@ _MERGEKIT_METHODS = {
     "dare_ties": "dare_ties",
     "dare_linear": "dare_linear",
 }
-_MERGEKIT_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32",
-                    "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+_MERGEKIT_DTYPES = {
+    "bfloat16": "bfloat16",
+    "float16": "float16",
+    "float32": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "fp32": "float32",
+}
 
 
 def _same(values: list[Any], what: str, path: Path) -> Any:
@@ -120,7 +151,9 @@ def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
         )
     entries = data.get("models") or []
     if "base_model" not in data:
-        raise MergeInputError(f"{path}: isofast needs 'base_model' (task vectors are taken from it)")
+        raise MergeInputError(
+            f"{path}: isofast needs 'base_model' (task vectors are taken from it)"
+        )
     base = _model_path(data["base_model"], f"{path}: base_model")
     entries = [e for e in entries if _model_path(e, f"{path}: models") != base]
     if not entries:
@@ -142,8 +175,12 @@ def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
         params = {"density": density, "trim": "tensor", "merge": "mean" if normalize else "sum"}
         alpha = 1.0 if normalize else weight
     elif method == "dare_ties":
-        params = {"drop_rate": 1.0 - density, "density": 1.0, "trim": "tensor",
-                  "merge": "mean" if normalize else "sum"}
+        params = {
+            "drop_rate": 1.0 - density,
+            "density": 1.0,
+            "trim": "tensor",
+            "merge": "mean" if normalize else "sum",
+        }
         alpha = 1.0 if normalize else weight
     elif method == "dare_linear":
         params = {"drop_rate": 1.0 - density}

@@ -98,12 +98,18 @@ def relative_distances(merged: Path, base: Path, fine_tunes: list[Path]) -> list
     return out
 
 
-def run_demo(folder: Path, tasks: int = 4, quiet: bool = False) -> list[tuple[str, float, list[float]]]:
+def run_demo(
+    folder: Path, tasks: int = 4, quiet: bool = False
+) -> list[tuple[str, float, list[float]]]:
     base, fine_tunes = write_demo_models(folder, tasks)
     rows = []
     for method in dict.fromkeys(spec.name for spec in METHODS.values()):
-        request = MergeRequest(base=str(base), models=tuple(map(str, fine_tunes)), method=method,
-                               alpha=DEMO_ALPHA.get(method, 1.0))
+        request = MergeRequest(
+            base=str(base),
+            models=tuple(map(str, fine_tunes)),
+            method=method,
+            alpha=DEMO_ALPHA.get(method, 1.0),
+        )
         start = time.perf_counter()
         out = merge_checkpoints(request, folder / f"merged-{method}")
         seconds = time.perf_counter() - start
@@ -115,7 +121,9 @@ def run_demo(folder: Path, tasks: int = 4, quiet: bool = False) -> list[tuple[st
 
 def format_table(rows: list[tuple[str, float, list[float]]], folder: Path) -> str:
     tasks = len(rows[0][2]) if rows else 0
-    head = "| method | alpha | seconds | " + " | ".join(f"dist task{t}" for t in range(tasks)) + " |"
+    head = (
+        "| method | alpha | seconds | " + " | ".join(f"dist task{t}" for t in range(tasks)) + " |"
+    )
     sep = "|---" * (3 + tasks) + "|"
     lines = [
         f"isofast demo: base + {tasks} bf16 fine-tunes in {folder}",

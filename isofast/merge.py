@@ -61,14 +61,18 @@ def check_models(
     if not models:
         raise MergeInputError("no fine-tuned models given (T = 0): need at least one")
     base_set = set(names_base)
-    for label, (names, m_shapes, m_dtypes) in zip(labels, models):
+    for label, (names, m_shapes, m_dtypes) in zip(labels, models, strict=True):
         missing, extra = sorted(base_set - set(names)), sorted(set(names) - base_set)
         if missing:
-            raise MergeInputError(f"{label} lacks tensor '{missing[0]}' of the base model"
-                                  + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+            raise MergeInputError(
+                f"{label} lacks tensor '{missing[0]}' of the base model"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+            )
         if extra:
-            raise MergeInputError(f"{label} has tensor '{extra[0]}' that the base model lacks"
-                                  + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+            raise MergeInputError(
+                f"{label} has tensor '{extra[0]}' that the base model lacks"
+                + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+            )
         for name in names_base:
             if tuple(m_shapes[name]) != tuple(shapes[name]):
                 raise MergeInputError(
@@ -86,7 +90,9 @@ def core_options(
     params: Params, compute_dtype: str, seed: int, threads: int | None
 ) -> dict[str, Any]:
     if compute_dtype not in COMPUTE_DTYPES:
-        raise MergeInputError(f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}")
+        raise MergeInputError(
+            f"compute_dtype must be one of {COMPUTE_DTYPES}, got {compute_dtype!r}"
+        )
     return {
         **params.core_options(),
         "compute64": compute_dtype == "float64",
@@ -142,9 +148,17 @@ def merge(
     dtypes = {n: arrays.dtype_name(base[n]) for n in names}
     labels = [f"fine-tuned model {i}" for i in range(len(finetuned))]
     check_models(
-        names, shapes, dtypes,
-        [(list(m), {n: arrays.shape_of(m[n]) for n in m}, {n: arrays.dtype_name(m[n]) for n in m})
-         for m in finetuned],
+        names,
+        shapes,
+        dtypes,
+        [
+            (
+                list(m),
+                {n: arrays.shape_of(m[n]) for n in m},
+                {n: arrays.dtype_name(m[n]) for n in m},
+            )
+            for m in finetuned
+        ],
         labels,
     )
     plans = plan_tensors(spec, names, shapes, dtypes, exclude, out_dtype)
@@ -164,7 +178,10 @@ def merge(
         density = getattr(method_params, "density", 1.0)
         options = global_ties_options(
             lambda: ([core_item(p, None)] for p in float_plans),
-            len(finetuned), total, density, options,
+            len(finetuned),
+            total,
+            density,
+            options,
         )
 
     merged: dict[str, Any] = {}

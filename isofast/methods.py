@@ -40,7 +40,10 @@ class TiesParams(Params):
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.density <= 1.0, f"density must be in [0, 1], got {self.density}")
-        _check(self.trim in ("global", "tensor"), f"trim must be 'global' or 'tensor', got {self.trim!r}")
+        _check(
+            self.trim in ("global", "tensor"),
+            f"trim must be 'global' or 'tensor', got {self.trim!r}",
+        )
         _check(self.merge in ("mean", "sum"), f"merge must be 'mean' or 'sum', got {self.merge!r}")
 
     def core_options(self) -> dict[str, Any]:
@@ -89,7 +92,10 @@ class ConsensusParams(TiesParams):
         super().__post_init__()
         _check(math.isfinite(self.lam) and self.lam >= 0, f"lam must be >= 0, got {self.lam}")
         _check(self.min_agree >= 0, f"min_agree must be >= 0, got {self.min_agree}")
-        _check(self.apply_to in ("ta", "ties"), f"apply_to must be 'ta' or 'ties', got {self.apply_to!r}")
+        _check(
+            self.apply_to in ("ta", "ties"),
+            f"apply_to must be 'ta' or 'ties', got {self.apply_to!r}",
+        )
 
     def core_options(self) -> dict[str, Any]:
         return {
@@ -106,7 +112,9 @@ class RankParams(Params):
 
     def __post_init__(self) -> None:
         tol = self.rank_tol
-        _check(tol is None or (math.isfinite(tol) and tol >= 0), f"rank_tol must be >= 0, got {tol}")
+        _check(
+            tol is None or (math.isfinite(tol) and tol >= 0), f"rank_tol must be >= 0, got {tol}"
+        )
 
     def core_options(self) -> dict[str, Any]:
         return {"rank_tol": self.rank_tol}
@@ -160,26 +168,87 @@ class MethodSpec:
 
 
 _METHODS: tuple[MethodSpec, ...] = (
-    MethodSpec("weight_average", "Weight averaging", "mean", "elementwise", NoParams,
-               "https://arxiv.org/abs/2203.05482", "mean of the fine-tuned weights"),
-    MethodSpec("task_arithmetic", "Task arithmetic", "sum", "elementwise", NoParams,
-               "https://arxiv.org/abs/2212.04089", "base + alpha * sum of task vectors"),
-    MethodSpec("ties", "TIES-merging", "ties", "elementwise", TiesParams,
-               "https://arxiv.org/abs/2306.01708", "trim, elect sign, disjoint mean"),
-    MethodSpec("dare_linear", "DARE + task arithmetic", "sum", "elementwise", DareLinearParams,
-               "https://arxiv.org/abs/2311.03099", "seeded random drop and rescale, then sum"),
-    MethodSpec("dare_ties", "DARE + TIES", "ties", "elementwise", DareTiesParams,
-               "https://arxiv.org/abs/2311.03099", "seeded random drop and rescale, then TIES"),
-    MethodSpec("consensus", "Consensus (TALL masks)", "consensus", "elementwise",
-               ConsensusParams, "https://arxiv.org/abs/2405.07813",
-               "keep entries that at least min_agree task masks select"),
-    MethodSpec("tsv_m", "TSV-Merge", "tsv_m", "matrix", RankParams,
-               "https://arxiv.org/abs/2412.00081", "per-task top singular vectors, orthogonalized"),
-    MethodSpec("iso_c", "Iso-C", "iso_c", "matrix", RankParams,
-               "https://arxiv.org/abs/2502.04959", "flattened spectrum of the task sum"),
-    MethodSpec("iso_cts", "Iso-CTS", "iso_cts", "matrix", IsoCtsParams,
-               "https://arxiv.org/abs/2502.04959",
-               "isotropic common + task-specific subspaces"),
+    MethodSpec(
+        "weight_average",
+        "Weight averaging",
+        "mean",
+        "elementwise",
+        NoParams,
+        "https://arxiv.org/abs/2203.05482",
+        "mean of the fine-tuned weights",
+    ),
+    MethodSpec(
+        "task_arithmetic",
+        "Task arithmetic",
+        "sum",
+        "elementwise",
+        NoParams,
+        "https://arxiv.org/abs/2212.04089",
+        "base + alpha * sum of task vectors",
+    ),
+    MethodSpec(
+        "ties",
+        "TIES-merging",
+        "ties",
+        "elementwise",
+        TiesParams,
+        "https://arxiv.org/abs/2306.01708",
+        "trim, elect sign, disjoint mean",
+    ),
+    MethodSpec(
+        "dare_linear",
+        "DARE + task arithmetic",
+        "sum",
+        "elementwise",
+        DareLinearParams,
+        "https://arxiv.org/abs/2311.03099",
+        "seeded random drop and rescale, then sum",
+    ),
+    MethodSpec(
+        "dare_ties",
+        "DARE + TIES",
+        "ties",
+        "elementwise",
+        DareTiesParams,
+        "https://arxiv.org/abs/2311.03099",
+        "seeded random drop and rescale, then TIES",
+    ),
+    MethodSpec(
+        "consensus",
+        "Consensus (TALL masks)",
+        "consensus",
+        "elementwise",
+        ConsensusParams,
+        "https://arxiv.org/abs/2405.07813",
+        "keep entries that at least min_agree task masks select",
+    ),
+    MethodSpec(
+        "tsv_m",
+        "TSV-Merge",
+        "tsv_m",
+        "matrix",
+        RankParams,
+        "https://arxiv.org/abs/2412.00081",
+        "per-task top singular vectors, orthogonalized",
+    ),
+    MethodSpec(
+        "iso_c",
+        "Iso-C",
+        "iso_c",
+        "matrix",
+        RankParams,
+        "https://arxiv.org/abs/2502.04959",
+        "flattened spectrum of the task sum",
+    ),
+    MethodSpec(
+        "iso_cts",
+        "Iso-CTS",
+        "iso_cts",
+        "matrix",
+        IsoCtsParams,
+        "https://arxiv.org/abs/2502.04959",
+        "isotropic common + task-specific subspaces",
+    ),
 )
 
 METHODS: dict[str, MethodSpec] = {}

@@ -32,7 +32,7 @@ def request_dict(request: MergeRequest) -> dict[str, Any]:
 
 
 def merge_config_yaml(request: MergeRequest) -> str:
-    return yaml.safe_dump(request_dict(request), sort_keys=False)
+    return str(yaml.safe_dump(request_dict(request), sort_keys=False))
 
 
 def model_card(request: MergeRequest, method: str, params: Params) -> str:
@@ -47,7 +47,7 @@ def model_card(request: MergeRequest, method: str, params: Params) -> str:
     models = "\n".join(f"- `{m}`" for m in request.models)
     return (
         "---\n"
-        + yaml.safe_dump(front, sort_keys=False)
+        + str(yaml.safe_dump(front, sort_keys=False))
         + "---\n\n"
         + f"# Merged model\n\nMerged with isofast using **{spec.pretty_name}** "
         + f"([paper]({spec.reference})), alpha = {request.alpha}, "

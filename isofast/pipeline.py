@@ -23,7 +23,7 @@ from isofast.merge import (
     plan_tensors,
 )
 from isofast.methods import get_method
-from isofast.model_card import model_card, merge_config_yaml
+from isofast.model_card import merge_config_yaml, model_card
 from isofast.ties_global import CoreItem, global_ties_options
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes read for it)
@@ -60,13 +60,22 @@ class OpenModels:
         infos = [r.infos() for r in self.readers]
         self.names = list(self.readers[0].names())
         self.shapes = {n: tuple(infos[0][n].shape) for n in self.names}
-        self.dtypes = {n: arrays.SAFETENSORS_TO_NAME.get(infos[0][n].dtype, infos[0][n].dtype)
-                       for n in self.names}
+        self.dtypes = {
+            n: arrays.SAFETENSORS_TO_NAME.get(infos[0][n].dtype, infos[0][n].dtype)
+            for n in self.names
+        }
         check_models(
-            self.names, self.shapes, self.dtypes,
-            [(list(info), {n: tuple(i.shape) for n, i in info.items()},
-              {n: arrays.SAFETENSORS_TO_NAME.get(i.dtype, i.dtype) for n, i in info.items()})
-             for info in infos[1:]],
+            self.names,
+            self.shapes,
+            self.dtypes,
+            [
+                (
+                    list(info),
+                    {n: tuple(i.shape) for n, i in info.items()},
+                    {n: arrays.SAFETENSORS_TO_NAME.get(i.dtype, i.dtype) for n, i in info.items()},
+                )
+                for info in infos[1:]
+            ],
             self.labels[1:],
         )
         self.nbytes = {n: sum(info[n].nbytes for info in infos) for n in self.names}
@@ -109,18 +118,23 @@ def merge_checkpoints(
     options = core_options(params, request.compute_dtype, request.seed, request.threads)
     models = OpenModels(request)
     try:
-        plans = plan_tensors(spec, models.names, models.shapes, models.dtypes, request.exclude,
-                             request.out_dtype)
+        plans = plan_tensors(
+            spec, models.names, models.shapes, models.dtypes, request.exclude, request.out_dtype
+        )
         float_plans = [p for p in plans if not p.copy]
         if spec.uses_global_ties(params):
             total = sum(_numel(models.shapes[p.name]) for p in float_plans)
             options = global_ties_options(
                 lambda: ([_core_item(models, p, None)] for p in float_plans),
-                len(request.models), total, getattr(params, "density", 1.0), options,
+                len(request.models),
+                total,
+                getattr(params, "density", 1.0),
+                options,
             )
         metadata = {"isofast_method": spec.name, "isofast_alpha": repr(alpha)}
-        with CheckpointWriter(out_dir, request.max_shard_bytes, metadata,
-                              overwrite=overwrite) as writer:
+        with CheckpointWriter(
+            out_dir, request.max_shard_bytes, metadata, overwrite=overwrite
+        ) as writer:
             for name, out, dtype in _stream(models, plans, spec.kernel, alpha, options, progress):
                 writer.add(name, arrays.storage_bits(out), arrays.NAME_TO_SAFETENSORS[dtype])
             base_dir = Path(request.base)

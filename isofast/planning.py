@@ -49,8 +49,9 @@ def make_plan(request: MergeRequest) -> MergePlan:
     core_options(params, request.compute_dtype, request.seed, request.threads)
     models = OpenModels(request)
     try:
-        plans = plan_tensors(spec, models.names, models.shapes, models.dtypes, request.exclude,
-                             request.out_dtype)
+        plans = plan_tensors(
+            spec, models.names, models.shapes, models.dtypes, request.exclude, request.out_dtype
+        )
         tasks = len(request.models)
         csize = 8 if request.compute_dtype == "float64" else 4
         items = []
@@ -64,8 +65,16 @@ def make_plan(request: MergeRequest) -> MergePlan:
             # (sum, factors, concatenations: about 4 more copies).
             copies = 0 if treatment == "copy" else tasks + 2 + (4 if treatment == "matrix" else 0)
             out_size = _OUT_SIZE.get(p.out_dtype) or DTYPE_ITEMSIZE.get(p.out_dtype.upper(), 8)
-            items.append(WorkItem(p.name, shape, models.dtypes[p.name], treatment,
-                                  copies * n * csize, n * out_size))
+            items.append(
+                WorkItem(
+                    p.name,
+                    shape,
+                    models.dtypes[p.name],
+                    treatment,
+                    copies * n * csize,
+                    n * out_size,
+                )
+            )
         total_in = sum(models.nbytes.values())
     finally:
         models.close()
@@ -98,6 +107,8 @@ def format_plan(plan: MergePlan) -> str:
         f"{'tensor':48s} {'shape':>18s} {'dtype':>9s} {'treatment':>11s} {'work':>12s}",
     ]
     for i in plan.items:
-        lines.append(f"{i.name[:48]:48s} {str(i.shape):>18s} {i.dtype:>9s} {i.treatment:>11s} "
-                     f"{_mb(i.work_bytes):>12s}")
+        lines.append(
+            f"{i.name[:48]:48s} {i.shape!s:>18s} {i.dtype:>9s} {i.treatment:>11s} "
+            f"{_mb(i.work_bytes):>12s}"
+        )
     return "\n".join(lines)

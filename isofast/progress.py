@@ -18,7 +18,7 @@ class ProgressBar:
             unit_scale=True,
             unit_divisor=1024,
             desc="merging",
-            disable=disable or not sys.stderr.isatty() and total_bytes < 2**30,
+            disable=disable or (not sys.stderr.isatty() and total_bytes < 2**30),
             file=sys.stderr,
             dynamic_ncols=True,
         )

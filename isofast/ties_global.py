@@ -46,7 +46,7 @@ def exact_thresholds(
 
 
 def majority_sign(source: ItemSource, options: dict[str, Any]) -> int:
-    vote = sum(core.ties_vote(batch, options) for batch in source())
+    vote: int = sum(core.ties_vote(batch, options) for batch in source())
     return (vote > 0) - (vote < 0)
 
 
