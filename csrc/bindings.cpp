@@ -76,7 +76,7 @@ TensorView view_of_dl(const IsoDLTensor& t, bool readonly, const std::string& wh
   v.shape.assign(t.shape, t.shape + t.ndim);
   v.readonly = readonly;
   v.data = static_cast<char*>(t.data) + t.byte_offset;
-  if (t.strides != nullptr) {
+  if (t.strides != nullptr && v.numel() > 0) {  // strides of an empty array mean nothing
     int64_t expected = 1;
     for (int d = t.ndim - 1; d >= 0; --d) {
       ISOFAST_CHECK(t.shape[d] == 1 || t.strides[d] == expected, what,
@@ -136,6 +136,7 @@ MergeOptions options_from(const std::string& kernel, double alpha, const py::dic
     py::handle v = kv.second;
     if (key == "compute64") o.compute64 = v.cast<bool>();
     else if (key == "threads") o.threads = std::max(1, v.cast<int>());
+    else if (key == "item_threads") o.item_threads = std::max(1, v.cast<int>());
     else if (key == "drop_rate") o.drop_rate = v.cast<double>();
     else if (key == "seed") o.seed = v.cast<uint64_t>();
     else if (key == "density") o.density = v.cast<double>();
@@ -147,6 +148,7 @@ MergeOptions options_from(const std::string& kernel, double alpha, const py::dic
     else if (key == "min_agree") o.min_agree = v.cast<int>();
     else if (key == "consensus_ties") o.consensus_ties = v.cast<bool>();
     else if (key == "common_space_fraction") o.common_space_fraction = v.cast<double>();
+    else if (key == "route") o.route = v.cast<std::string>();
     else if (key == "rank_tol") o.rank_tol = v.is_none() ? -1.0 : v.cast<double>();
     else throw ValueError(concat("unknown core option '", key, "'"));
   }
@@ -186,8 +188,7 @@ void merge_items(const std::string& kernel, const py::list& items, double alpha,
   MergeOptions opt = options_from(kernel, alpha, params);
   std::vector<MergeItem> parsed = items_from(items, keep);
   py::gil_scoped_release release;
-  set_blas_threads(opt.threads);
-  for (const MergeItem& it : parsed) merge_item(opt, it);
+  merge_batch(opt, parsed);
 }
 
 py::array_t<int64_t> abs_histogram_py(const py::list& items, const py::dict& params, int digit,

@@ -15,7 +15,7 @@ from isofast import arrays
 from isofast._native import core
 from isofast.errors import MergeInputError
 from isofast.io import CheckpointReader, CheckpointWriter
-from isofast.merge import (
+from isofast.merge_plan import (
     TensorPlan,
     check_alpha,
     check_models,

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from isofast.io import DTYPE_ITEMSIZE
-from isofast.merge import TensorPlan, check_alpha, core_options, plan_tensors
+from isofast.merge_plan import TensorPlan, check_alpha, core_options, plan_tensors
 from isofast.methods import get_method
 from isofast.pipeline import MergeRequest, OpenModels
 

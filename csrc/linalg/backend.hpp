@@ -18,6 +18,11 @@ class Backend {
   virtual void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a,
                     int lda, const T* b, int ldb, T beta, T* c, int ldc) = 0;
 
+  // Lower triangle of C = alpha * A A^T + beta * C (trans = false, A is n x k) or
+  // C = alpha * A^T A + beta * C (trans = true, A is k x n).
+  virtual void syrk(bool trans, int n, int k, T alpha, const T* a, int lda, T beta, T* c,
+                    int ldc) = 0;
+
   // Thin SVD by divide and conquer (gesdd; never gesvd). A (m x n) is destroyed.
   // s gets r = min(m, n) values in descending order, u is m x r, vt is r x n.
   virtual void svd(int m, int n, T* a, int lda, T* s, T* u, int ldu, T* vt, int ldvt) = 0;

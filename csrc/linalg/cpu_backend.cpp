@@ -36,6 +36,10 @@ struct Lapack<float> {
                    int ldc) {
     scipy_cblas_sgemm(CblasColMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   }
+  static void syrk(CBLAS_TRANSPOSE t, int n, int k, float alpha, const float* a, int lda,
+                   float beta, float* c, int ldc) {
+    scipy_cblas_ssyrk(CblasColMajor, CblasLower, t, n, k, alpha, a, lda, beta, c, ldc);
+  }
   static int gesdd(int m, int n, float* a, int lda, float* s, float* u, int ldu, float* vt,
                    int ldvt, float* work, int lwork, int* iwork) {
     return scipy_LAPACKE_sgesdd_work(LAPACK_COL_MAJOR, 'S', m, n, a, lda, s, u, ldu, vt, ldvt,
@@ -57,6 +61,10 @@ struct Lapack<double> {
                    const double* a, int lda, const double* b, int ldb, double beta, double* c,
                    int ldc) {
     scipy_cblas_dgemm(CblasColMajor, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+  static void syrk(CBLAS_TRANSPOSE t, int n, int k, double alpha, const double* a, int lda,
+                   double beta, double* c, int ldc) {
+    scipy_cblas_dsyrk(CblasColMajor, CblasLower, t, n, k, alpha, a, lda, beta, c, ldc);
   }
   static int gesdd(int m, int n, double* a, int lda, double* s, double* u, int ldu, double* vt,
                    int ldvt, double* work, int lwork, int* iwork) {
@@ -81,6 +89,12 @@ class CpuBackend final : public Backend<T> {
     if (m == 0 || n == 0) return;
     Lapack<T>::gemm(trans_a ? CblasTrans : CblasNoTrans, trans_b ? CblasTrans : CblasNoTrans, m,
                     n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
+  void syrk(bool trans, int n, int k, T alpha, const T* a, int lda, T beta, T* c,
+            int ldc) override {
+    if (n == 0) return;
+    Lapack<T>::syrk(trans ? CblasTrans : CblasNoTrans, n, k, alpha, a, lda, beta, c, ldc);
   }
 
   void svd(int m, int n, T* a, int lda, T* s, T* u, int ldu, T* vt, int ldvt) override {

@@ -6,6 +6,7 @@
 #include <numeric>
 
 #include "../core/error.hpp"
+#include "../linalg/gram.hpp"
 #include "../linalg/spectral.hpp"
 
 namespace isofast {
@@ -156,5 +157,199 @@ template void iso_cts<double>(Backend<double>&, const MatrixProblem<double>&, do
                               double*);
 template void tsv_m<float>(Backend<float>&, const MatrixProblem<float>&, double, float*);
 template void tsv_m<double>(Backend<double>&, const MatrixProblem<double>&, double, double*);
+
+// ---------------------------------------------------------------------------------------
+// Gram routes. Notation of ALGORITHMS.md: D is m x n (row-major), r = min(m, n). In memory
+// each task matrix is X = D^T, column-major n x m (p.rows = n, p.cols = m), so
+//   D B   = X^T B  -> gemm(trans_a)          D^T B = X B  -> gemm(no trans)
+// and D D^T = X^T X is the Gram of X's columns, D^T D = X X^T the Gram of its rows.
+// The result M^T = sigma_bar * polar(V_cat) polar(U_cat)^T is written as X-layout n x m.
+
+namespace {
+
+template <class T>
+void scale_columns(Matrix<T>& a, const std::vector<T>& by, bool divide) {
+  for (int j = 0; j < a.cols; ++j) {
+    const T f = divide ? (by[j] > T(0) ? T(1) / by[j] : T(0)) : by[j];
+    for (int i = 0; i < a.rows; ++i) a.col(j)[i] *= f;
+  }
+}
+
+template <class T>
+Matrix<T> first_columns(const Matrix<T>& a, int from, int count) {
+  Matrix<T> out(a.rows, count);
+  std::copy(a.col(from), a.col(from) + static_cast<size_t>(a.rows) * count, out.ptr());
+  return out;
+}
+
+// Columns of several matrices side by side.
+template <class T>
+Matrix<T> hconcat(const std::vector<const Matrix<T>*>& parts) {
+  int rows = 0, cols = 0;
+  for (auto* m : parts) {
+    rows = m->rows;
+    cols += m->cols;
+  }
+  Matrix<T> out(rows, cols);
+  size_t at = 0;
+  for (auto* m : parts) {
+    std::copy(m->data.begin(), m->data.end(), out.data.begin() + at);
+    at += m->data.size();
+  }
+  return out;
+}
+
+// out (n x m) = scale * L R^T with L n x c, R m x c.
+template <class T>
+void write_product(Backend<T>& be, const Matrix<T>& l, const Matrix<T>& r, T scale, T* out) {
+  be.gemm(false, true, l.rows, r.rows, l.cols, scale, l.ptr(), l.ld(), r.ptr(), r.ld(), T(0), out,
+          l.rows);
+}
+
+}  // namespace
+
+template <class T>
+void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, double rank_tol,
+                  T* out) {
+  const int n = p.rows, m = p.cols, r = std::min(m, n);
+  const auto [k, s] = iso_cts_sizes(r, static_cast<int>(p.deltas.size()), fraction);
+  const T tol = rank_cut_factor<T>(rank_tol, m, n);
+  Matrix<T> sum = sum_of(p);
+  const bool wide = m <= n;  // D wide: its left basis U is square and U_perp exists
+
+  // Common subspace from the float64 Gram of the sum's short side.
+  TopSingular<T> common = top_singular_from_gram<T>(gram64(sum.ptr(), n, m, n, wide), r);
+  const T smax = common.sigma.empty() ? T(0) : common.sigma[0];
+  const T cut = smax * tol;
+  const int kk = count_above(common.sigma, k, cut);
+  std::vector<T> s_common(common.sigma.begin(), common.sigma.begin() + kk);
+  Matrix<T> uk, vk;  // m x kk, n x kk
+  if (wide) {
+    uk = first_columns(common.vectors, 0, kk);
+    vk = Matrix<T>(n, kk);  // V_k = D^T U_k / S_k = X U_k / S_k
+    be.gemm(false, false, n, kk, m, T(1), sum.ptr(), n, uk.ptr(), uk.ld(), T(0), vk.ptr(), vk.ld());
+    scale_columns(vk, s_common, true);
+  } else {
+    vk = first_columns(common.vectors, 0, kk);
+    uk = Matrix<T>(m, kk);  // U_k = D V_k / S_k = X^T V_k / S_k
+    be.gemm(true, false, m, kk, n, T(1), sum.ptr(), n, vk.ptr(), vk.ld(), T(0), uk.ptr(), uk.ld());
+    scale_columns(uk, s_common, true);
+  }
+
+  std::vector<T> sigmas = s_common;
+  std::vector<Matrix<T>> task_left, task_right;  // per task: coefficients / vectors
+  if (s > 0 && smax > T(0)) {
+    if (wide) {
+      // R_t = U_perp U_perp^T D_t; its top-s left vectors are U_perp w with w the top
+      // eigenvectors of Y Y^T, Y = U_perp^T D_t, whose transpose Z = X_t U_perp is n x q.
+      const int q = m - kk;
+      Matrix<T> uperp = first_columns(common.vectors, kk, q);
+      Matrix<T> z(n, q);
+      for (const T* x : p.deltas) {
+        be.gemm(false, false, n, q, m, T(1), x, n, uperp.ptr(), uperp.ld(), T(0), z.ptr(), z.ld());
+        TopSingular<T> t = top_singular_from_gram<T>(gram64(z.ptr(), n, q, n, true), s);
+        const int keep = count_above(t.sigma, s, cut);
+        Matrix<T> w = first_columns(t.vectors, 0, keep);
+        Matrix<T> v(n, keep);  // right vectors: Z w / sigma
+        be.gemm(false, false, n, keep, q, T(1), z.ptr(), z.ld(), w.ptr(), w.ld(), T(0), v.ptr(),
+                v.ld());
+        std::vector<T> sig(t.sigma.begin(), t.sigma.begin() + keep);
+        scale_columns(v, sig, true);
+        sigmas.insert(sigmas.end(), sig.begin(), sig.end());
+        task_left.push_back(std::move(w));
+        task_right.push_back(std::move(v));
+      }
+      // polar([U_k, U_perp W]) = [U_k, U_perp polar(W)] because U_perp is orthogonal to U_k.
+      std::vector<const Matrix<T>*> ws;
+      for (auto& w : task_left) ws.push_back(&w);
+      Matrix<T> pw = polar(be, hconcat(ws));
+      Matrix<T> u_tasks(m, pw.cols);
+      be.gemm(false, false, m, pw.cols, q, T(1), uperp.ptr(), uperp.ld(), pw.ptr(), pw.ld(), T(0),
+              u_tasks.ptr(), u_tasks.ld());
+      task_left.assign(1, std::move(u_tasks));
+    } else {
+      // Tall D: R_t explicitly (X layout: X_t - (X_t U_k) U_k^T), top-s right vectors from the
+      // float64 Gram of its rows, left vectors R_t v / sigma.
+      Matrix<T> coeff(n, kk), residual(n, m);
+      for (const T* x : p.deltas) {
+        std::copy(x, x + residual.data.size(), residual.data.begin());
+        if (kk > 0) {
+          be.gemm(false, false, n, kk, m, T(1), x, n, uk.ptr(), uk.ld(), T(0), coeff.ptr(),
+                  coeff.ld());
+          be.gemm(false, true, n, m, kk, T(-1), coeff.ptr(), coeff.ld(), uk.ptr(), uk.ld(), T(1),
+                  residual.ptr(), residual.ld());
+        }
+        TopSingular<T> t = top_singular_from_gram<T>(gram64(residual.ptr(), n, m, n, false), s);
+        const int keep = count_above(t.sigma, s, cut);
+        Matrix<T> v = first_columns(t.vectors, 0, keep);
+        Matrix<T> u(m, keep);
+        be.gemm(true, false, m, keep, n, T(1), residual.ptr(), n, v.ptr(), v.ld(), T(0), u.ptr(),
+                u.ld());
+        std::vector<T> sig(t.sigma.begin(), t.sigma.begin() + keep);
+        scale_columns(u, sig, true);
+        sigmas.insert(sigmas.end(), sig.begin(), sig.end());
+        task_left.push_back(std::move(u));
+        task_right.push_back(std::move(v));
+      }
+    }
+  }
+  if (sigmas.empty()) return zero(p, out);
+  const T sigma_bar = std::accumulate(sigmas.begin(), sigmas.end(), T(0)) / T(sigmas.size());
+
+  std::vector<const Matrix<T>*> right{&vk};
+  for (auto& v : task_right) right.push_back(&v);
+  Matrix<T> pv = polar(be, hconcat(right));
+  Matrix<T> pu;
+  if (wide) {
+    std::vector<const Matrix<T>*> left{&uk};
+    for (auto& u : task_left) left.push_back(&u);
+    pu = hconcat(left);  // already orthonormal
+  } else {
+    std::vector<const Matrix<T>*> left{&uk};
+    for (auto& u : task_left) left.push_back(&u);
+    pu = polar(be, hconcat(left));
+  }
+  write_product(be, pv, pu, sigma_bar, out);
+}
+
+template <class T>
+void tsv_m_gram(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out) {
+  const int n = p.rows, m = p.cols, r = std::min(m, n);
+  const int d = r / static_cast<int>(p.deltas.size());
+  const bool wide = m <= n;
+  std::vector<T> sigmas;
+  std::vector<Matrix<T>> lefts, rights;
+  for (const T* x : p.deltas) {
+    if (d == 0) break;
+    TopSingular<T> t = top_singular_from_gram<T>(gram64(x, n, m, n, wide), d);
+    const T smax = t.sigma.empty() ? T(0) : t.sigma[0];
+    const int keep = count_above(t.sigma, d, smax * rank_cut_factor<T>(rank_tol, m, n));
+    std::vector<T> sig(t.sigma.begin(), t.sigma.begin() + keep);
+    Matrix<T> known = first_columns(t.vectors, 0, keep);
+    Matrix<T> other(wide ? n : m, keep);
+    // wide: u known, v = D^T u / s = X u / s; tall: v known, u = D v / s = X^T v / s.
+    be.gemm(!wide, false, other.rows, keep, wide ? m : n, T(1), x, n, known.ptr(), known.ld(), T(0),
+            other.ptr(), other.ld());
+    scale_columns(other, sig, true);
+    sigmas.insert(sigmas.end(), sig.begin(), sig.end());
+    lefts.push_back(wide ? std::move(known) : std::move(other));
+    rights.push_back(wide ? std::move(other) : std::move(known));
+  }
+  if (sigmas.empty()) return zero(p, out);
+  std::vector<const Matrix<T>*> l, rr;
+  for (auto& u : lefts) l.push_back(&u);
+  for (auto& v : rights) rr.push_back(&v);
+  Matrix<T> pu = polar(be, hconcat(l));
+  Matrix<T> pv = polar(be, hconcat(rr));
+  scale_columns(pv, sigmas, false);
+  write_product(be, pv, pu, T(1), out);
+}
+
+template void iso_cts_gram<float>(Backend<float>&, const MatrixProblem<float>&, double, double,
+                                  float*);
+template void iso_cts_gram<double>(Backend<double>&, const MatrixProblem<double>&, double, double,
+                                   double*);
+template void tsv_m_gram<float>(Backend<float>&, const MatrixProblem<float>&, double, float*);
+template void tsv_m_gram<double>(Backend<double>&, const MatrixProblem<double>&, double, double*);
 
 }  // namespace isofast

@@ -100,8 +100,15 @@ void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T
   p.cols = static_cast<int>(item.base.shape[0]);
   p.deltas.assign(tv.ptrs.begin(), tv.ptrs.end());
   Backend<T>& be = cpu_backend<T>();
+  ISOFAST_CHECK(opt.route == "auto" || opt.route == "gram" || opt.route == "direct",
+                "route must be auto, gram or direct, got '", opt.route, "'");
+  const bool gram = opt.route == "gram" || (opt.route == "auto" && sizeof(T) == 4);
   if (k == "iso_c") return iso_c(be, p, opt.rank_tol, m);
-  if (k == "iso_cts") return iso_cts(be, p, opt.common_space_fraction, opt.rank_tol, m);
+  if (k == "iso_cts") {
+    if (gram) return iso_cts_gram(be, p, opt.common_space_fraction, opt.rank_tol, m);
+    return iso_cts(be, p, opt.common_space_fraction, opt.rank_tol, m);
+  }
+  if (gram) return tsv_m_gram(be, p, opt.rank_tol, m);
   return tsv_m(be, p, opt.rank_tol, m);
 }
 
@@ -152,6 +159,22 @@ void merge_item(const MergeOptions& opt, const MergeItem& item) {
     merge_item_as<double>(opt, item);
   else
     merge_item_as<float>(opt, item);
+}
+
+void merge_batch(const MergeOptions& opt, const std::vector<MergeItem>& items) {
+  const int side_by_side = std::min<int>(opt.item_threads, static_cast<int>(items.size()));
+  if (side_by_side <= 1) {
+    set_blas_threads(opt.threads);
+    for (const MergeItem& it : items) merge_item(opt, it);
+    return;
+  }
+  MergeOptions single = opt;
+  single.threads = 1;
+  set_blas_threads(1);
+  std::atomic<size_t> next{0};
+  parallel_for(static_cast<size_t>(side_by_side), side_by_side, [&](size_t, size_t) {
+    for (size_t i = next++; i < items.size(); i = next++) merge_item(single, items[i]);
+  });
 }
 
 namespace {

@@ -13,7 +13,8 @@ struct MergeOptions {
   std::string kernel;  // mean | sum | ties | consensus | tsv_m | iso_c | iso_cts
   double alpha = 1.0;
   bool compute64 = false;
-  int threads = 1;
+  int threads = 1;       // threads inside one item (BLAS and elementwise loops)
+  int item_threads = 1;  // items of a batch merged side by side, one thread each
   // DARE preprocessing (enabled when drop_rate > 0)
   double drop_rate = 0.0;
   uint64_t seed = 0;
@@ -30,6 +31,9 @@ struct MergeOptions {
   // matrix methods
   double common_space_fraction = 0.8;
   double rank_tol = -1.0;  // < 0: the default max(m, n) * eps
+  // "auto": Gram routes in float32 (fewer flops, float64 Gram keeps fp32 accuracy), direct
+  // gesdd routes in float64 (a float64 Gram cannot match a float64 SVD); or force either.
+  std::string route = "auto";
 };
 
 struct MergeItem {
@@ -42,6 +46,11 @@ struct MergeItem {
 
 void validate_item(const MergeItem& item);
 void merge_item(const MergeOptions& opt, const MergeItem& item);
+
+// A batch of items (typically same-shape matrices of one model). With item_threads > 1 the
+// items run side by side, each single-threaded: small SVDs scale far better across matrices
+// than inside one LAPACK call on few cores.
+void merge_batch(const MergeOptions& opt, const std::vector<MergeItem>& items);
 
 // TIES' whole-model passes: per-task digit histograms of |DARE(D_t)| (tasks x 65536 counts,
 // added into hist) and the vote for the majority sign under the given global thresholds.

@@ -1,0 +1,67 @@
+// Float64 Gram matrices of float32/float64 matrices and their leading eigenpairs: the exact
+// "short side" route to top singular triplets. Float64 matters: a float32 Gram squares the
+// condition number into float32 precision (DESIGN.md: polar error ~5e-2 on real spectra).
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "backend.hpp"
+
+namespace isofast {
+
+// A^T A (cols x cols) when of_columns, else A A^T (rows x rows); A is column-major with
+// leading dimension lda. Converted to float64 in blocks so the extra memory stays small.
+template <class T>
+Matrix<double> gram64(const T* a, int rows, int cols, int lda, bool of_columns) {
+  Backend<double>& be = cpu_backend<double>();
+  constexpr int kBlock = 256;
+  const int n = of_columns ? cols : rows;
+  Matrix<double> g(n, n);
+  if (of_columns) {
+    Matrix<double> block(std::min(kBlock, std::max(rows, 1)), cols);
+    for (int i0 = 0; i0 < rows; i0 += kBlock) {
+      const int b = std::min(kBlock, rows - i0);
+      for (int j = 0; j < cols; ++j)
+        for (int i = 0; i < b; ++i)
+          block.data[i + static_cast<size_t>(j) * block.rows] =
+              a[i0 + i + static_cast<size_t>(j) * lda];
+      be.syrk(true, n, b, 1.0, block.ptr(), block.ld(), i0 == 0 ? 0.0 : 1.0, g.ptr(), g.ld());
+    }
+  } else {
+    Matrix<double> block(rows, std::min(kBlock, std::max(cols, 1)));
+    for (int j0 = 0; j0 < cols; j0 += kBlock) {
+      const int b = std::min(kBlock, cols - j0);
+      for (int j = 0; j < b; ++j)
+        for (int i = 0; i < rows; ++i)
+          block.data[i + static_cast<size_t>(j) * rows] = a[i + static_cast<size_t>(j0 + j) * lda];
+      be.syrk(false, n, b, 1.0, block.ptr(), block.ld(), j0 == 0 ? 0.0 : 1.0, g.ptr(), g.ld());
+    }
+  }
+  return g;
+}
+
+// Leading `count` eigenpairs of a symmetric float64 matrix, as singular values
+// (sqrt of the clamped eigenvalues, descending) and vectors cast to T.
+template <class T>
+struct TopSingular {
+  std::vector<T> sigma;
+  Matrix<T> vectors;  // n x count
+};
+
+template <class T>
+TopSingular<T> top_singular_from_gram(Matrix<double> g, int count) {
+  const int n = g.rows;
+  count = std::min(count, n);
+  TopSingular<T> out{std::vector<T>(static_cast<size_t>(count)), Matrix<T>(n, count)};
+  if (count <= 0) return out;
+  Matrix<double> z(n, count);
+  std::vector<double> w(static_cast<size_t>(count));
+  cpu_backend<double>().eigh_top(n, g.ptr(), g.ld(), count, w.data(), z.ptr(), z.ld());
+  for (int j = 0; j < count; ++j) out.sigma[j] = static_cast<T>(std::sqrt(std::max(w[j], 0.0)));
+  std::transform(z.data.begin(), z.data.end(), out.vectors.data.begin(),
+                 [](double v) { return static_cast<T>(v); });
+  return out;
+}
+
+}  // namespace isofast
