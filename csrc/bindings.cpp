@@ -149,6 +149,7 @@ MergeOptions options_from(const std::string& kernel, double alpha, const py::dic
     else if (key == "consensus_ties") o.consensus_ties = v.cast<bool>();
     else if (key == "common_space_fraction") o.common_space_fraction = v.cast<double>();
     else if (key == "route") o.route = v.cast<std::string>();
+    else if (key == "release_inputs") o.release_inputs = v.cast<bool>();
     else if (key == "rank_tol") o.rank_tol = v.is_none() ? -1.0 : v.cast<double>();
     else throw ValueError(concat("unknown core option '", key, "'"));
   }

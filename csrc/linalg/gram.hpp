@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "backend.hpp"
+#include "spectral.hpp"
 
 namespace isofast {
 
@@ -61,6 +62,40 @@ TopSingular<T> top_singular_from_gram(Matrix<double> g, int count) {
   for (int j = 0; j < count; ++j) out.sigma[j] = static_cast<T>(std::sqrt(std::max(w[j], 0.0)));
   std::transform(z.data.begin(), z.data.end(), out.vectors.data.begin(),
                  [](double v) { return static_cast<T>(v); });
+  return out;
+}
+
+}  // namespace isofast
+
+namespace isofast {
+
+// Polar factor of a matrix whose columns are nearly orthonormal (concatenated singular-vector
+// factors): A (A^T A)^{-1/2} with the inverse square root from a float64 Gram. Exact up to
+// cond(A)^2 * 1e-16; when the columns are close to collinear (cond(A) > 1e3) or A is wide,
+// it falls back to the SVD route, which is well defined there too.
+template <class T>
+Matrix<T> polar_of_factor(Backend<T>& be, const Matrix<T>& a) {
+  const int r = a.cols;
+  if (r == 0 || r > a.rows) return polar(be, a);
+  Matrix<double> g = gram64(a.ptr(), a.rows, r, a.ld(), true);
+  Matrix<double> z(r, r);
+  std::vector<double> w(static_cast<size_t>(r));
+  cpu_backend<double>().eigh_top(r, g.ptr(), g.ld(), r, w.data(), z.ptr(), z.ld());
+  if (!(w[r - 1] > 1e-6 * w[0])) return polar(be, a);
+  Matrix<double> scaled = z;
+  for (int j = 0; j < r; ++j) {
+    const double f = 1.0 / std::sqrt(w[j]);
+    for (int i = 0; i < r; ++i) scaled.col(j)[i] *= f;
+  }
+  Matrix<double> inv_sqrt(r, r);  // Z diag(w^-1/2) Z^T
+  cpu_backend<double>().gemm(false, true, r, r, r, 1.0, scaled.ptr(), r, z.ptr(), r, 0.0,
+                             inv_sqrt.ptr(), r);
+  Matrix<T> factor(r, r);
+  std::transform(inv_sqrt.data.begin(), inv_sqrt.data.end(), factor.data.begin(),
+                 [](double v) { return static_cast<T>(v); });
+  Matrix<T> out(a.rows, r);
+  be.gemm(false, false, a.rows, r, r, T(1), a.ptr(), a.ld(), factor.ptr(), r, T(0), out.ptr(),
+          out.ld());
   return out;
 }
 

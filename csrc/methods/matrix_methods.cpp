@@ -235,6 +235,7 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, do
     be.gemm(true, false, m, kk, n, T(1), sum.ptr(), n, vk.ptr(), vk.ld(), T(0), uk.ptr(), uk.ld());
     scale_columns(uk, s_common, true);
   }
+  std::vector<T>().swap(sum.data);  // the sum is not needed past the common subspace
 
   std::vector<T> sigmas = s_common;
   std::vector<Matrix<T>> task_left, task_right;  // per task: coefficients / vectors
@@ -262,7 +263,7 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, do
       // polar([U_k, U_perp W]) = [U_k, U_perp polar(W)] because U_perp is orthogonal to U_k.
       std::vector<const Matrix<T>*> ws;
       for (auto& w : task_left) ws.push_back(&w);
-      Matrix<T> pw = polar(be, hconcat(ws));
+      Matrix<T> pw = polar_of_factor(be, hconcat(ws));
       Matrix<T> u_tasks(m, pw.cols);
       be.gemm(false, false, m, pw.cols, q, T(1), uperp.ptr(), uperp.ld(), pw.ptr(), pw.ld(), T(0),
               u_tasks.ptr(), u_tasks.ld());
@@ -298,7 +299,7 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, do
 
   std::vector<const Matrix<T>*> right{&vk};
   for (auto& v : task_right) right.push_back(&v);
-  Matrix<T> pv = polar(be, hconcat(right));
+  Matrix<T> pv = polar_of_factor(be, hconcat(right));
   Matrix<T> pu;
   if (wide) {
     std::vector<const Matrix<T>*> left{&uk};
@@ -307,7 +308,7 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, do
   } else {
     std::vector<const Matrix<T>*> left{&uk};
     for (auto& u : task_left) left.push_back(&u);
-    pu = polar(be, hconcat(left));
+    pu = polar_of_factor(be, hconcat(left));
   }
   write_product(be, pv, pu, sigma_bar, out);
 }
@@ -339,8 +340,8 @@ void tsv_m_gram(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* o
   std::vector<const Matrix<T>*> l, rr;
   for (auto& u : lefts) l.push_back(&u);
   for (auto& v : rights) rr.push_back(&v);
-  Matrix<T> pu = polar(be, hconcat(l));
-  Matrix<T> pv = polar(be, hconcat(rr));
+  Matrix<T> pu = polar_of_factor(be, hconcat(l));
+  Matrix<T> pv = polar_of_factor(be, hconcat(rr));
   scale_columns(pv, sigmas, false);
   write_product(be, pv, pu, T(1), out);
 }

@@ -4,6 +4,9 @@
 #include <atomic>
 #include <cmath>
 
+#include <sys/mman.h>
+#include <unistd.h>
+
 #include "../core/error.hpp"
 #include "../core/parallel.hpp"
 #include "../linalg/backend.hpp"
@@ -14,47 +17,61 @@ namespace isofast {
 namespace {
 
 constexpr size_t kChunk = 1 << 15;
+constexpr int64_t kBlasThreadsFrom = 1 << 20;  // elements
 
 std::string model_label(size_t model) {
   return model == 0 ? std::string("the base model") : concat("fine-tuned model ", model - 1);
 }
 
-// Task vectors of one tensor in the compute type, DARE already applied.
+// Task vectors of one tensor in the compute type, DARE already applied. The base is not kept:
+// the final write reads it again from the caller's memory (one copy fewer at peak).
 template <class T>
 struct TaskVectors {
   size_t n = 0;
-  std::vector<T> base;
   std::vector<std::vector<T>> deltas;
   std::vector<T*> ptrs;
 };
+
+const char* element_ptr(const TensorView& v, size_t index) {
+  return static_cast<const char*>(v.data) + index * dtype_size(v.dtype);
+}
+
+// Drop the resident pages of a read-only file mapping (they stay in the page cache), so the
+// process's RSS holds converted task vectors only. Never used on anonymous memory, where
+// MADV_DONTNEED would zero the data: the caller opts in for memory-mapped files only.
+void release_pages(const TensorView& v) {
+  const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto begin = reinterpret_cast<uintptr_t>(v.data);
+  const uintptr_t first = (begin + page - 1) / page * page;
+  const uintptr_t last = (begin + v.nbytes()) / page * page;
+  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
 
 template <class T>
 TaskVectors<T> load_task_vectors(const MergeOptions& opt, const MergeItem& item) {
   TaskVectors<T> tv;
   tv.n = static_cast<size_t>(item.base.numel());
   const size_t tasks = item.finetuned.size();
-  tv.base.resize(tv.n);
   tv.deltas.assign(tasks, std::vector<T>(tv.n));
   std::vector<std::atomic<bool>> bad(tasks + 1);
   const size_t chunks = (tv.n + kChunk - 1) / kChunk;
   parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
+    std::vector<T> base(kChunk);
     for (size_t c = cb; c < ce; ++c) {
       const size_t b = c * kChunk, len = std::min(kChunk, tv.n - b);
-      const size_t esz = dtype_size(item.base.dtype);
-      if (!load_as(static_cast<const char*>(item.base.data) + b * esz, item.base.dtype, len,
-                   tv.base.data() + b))
-        bad[0] = true;
+      if (!load_as(element_ptr(item.base, b), item.base.dtype, len, base.data())) bad[0] = true;
       for (size_t t = 0; t < tasks; ++t) {
-        const TensorView& ft = item.finetuned[t];
         T* d = tv.deltas[t].data() + b;
-        if (!load_as(static_cast<const char*>(ft.data) + b * dtype_size(ft.dtype), ft.dtype, len, d))
+        if (!load_as(element_ptr(item.finetuned[t], b), item.finetuned[t].dtype, len, d))
           bad[t + 1] = true;
-        for (size_t i = 0; i < len; ++i) d[i] -= tv.base[b + i];
+        for (size_t i = 0; i < len; ++i) d[i] -= base[i];
       }
     }
   });
   for (size_t m = 0; m <= tasks; ++m)
     ISOFAST_CHECK(!bad[m], "tensor '", item.name, "' of ", model_label(m), " holds NaN or Inf");
+  if (opt.release_inputs)
+    for (const TensorView& ft : item.finetuned) release_pages(ft);
   for (size_t t = 0; t < tasks; ++t) {
     if (opt.drop_rate > 0)
       dare_drop(tv.deltas[t].data(), tv.n, opt.drop_rate, opt.seed, item.name, t, opt.threads);
@@ -120,14 +137,18 @@ void merge_item_as(const MergeOptions& opt, const MergeItem& item) {
   const T alpha = static_cast<T>(opt.alpha);
   const size_t chunks = (tv.n + kChunk - 1) / kChunk;
   const size_t out_size = dtype_size(item.out.dtype);
+  tv.deltas.clear();  // free the task vectors before the output pass
   parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
+    std::vector<T> base(kChunk);
     for (size_t c = cb; c < ce; ++c) {
       const size_t b = c * kChunk, len = std::min(kChunk, tv.n - b);
-      for (size_t i = b; i < b + len; ++i) m[i] = tv.base[i] + alpha * m[i];
+      load_as(element_ptr(item.base, b), item.base.dtype, len, base.data());
+      for (size_t i = 0; i < len; ++i) m[b + i] = base[i] + alpha * m[b + i];
       store_as(m.data() + b, len, static_cast<char*>(item.out.data) + b * out_size,
                item.out.dtype);
     }
   });
+  if (opt.release_inputs) release_pages(item.base);
 }
 
 }  // namespace
@@ -164,8 +185,12 @@ void merge_item(const MergeOptions& opt, const MergeItem& item) {
 void merge_batch(const MergeOptions& opt, const std::vector<MergeItem>& items) {
   const int side_by_side = std::min<int>(opt.item_threads, static_cast<int>(items.size()));
   if (side_by_side <= 1) {
-    set_blas_threads(opt.threads);
-    for (const MergeItem& it : items) merge_item(opt, it);
+    for (const MergeItem& it : items) {
+      // Small matrices: waking BLAS threads costs more than it saves (and spinning threads
+      // stall badly on a busy machine).
+      set_blas_threads(it.base.numel() >= kBlasThreadsFrom ? opt.threads : 1);
+      merge_item(opt, it);
+    }
     return;
   }
   MergeOptions single = opt;

@@ -34,6 +34,8 @@ struct MergeOptions {
   // "auto": Gram routes in float32 (fewer flops, float64 Gram keeps fp32 accuracy), direct
   // gesdd routes in float64 (a float64 Gram cannot match a float64 SVD); or force either.
   std::string route = "auto";
+  // Inputs are read-only file mappings whose pages may be dropped once converted.
+  bool release_inputs = false;
 };
 
 struct MergeItem {
