@@ -353,4 +353,39 @@ template void iso_cts_gram<double>(Backend<double>&, const MatrixProblem<double>
 template void tsv_m_gram<float>(Backend<float>&, const MatrixProblem<float>&, double, float*);
 template void tsv_m_gram<double>(Backend<double>&, const MatrixProblem<double>&, double, double*);
 
+template <class T>
+void iso_c_gram(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out) {
+  const int n = p.rows, m = p.cols, r = std::min(m, n);
+  const bool wide = m <= n;
+  Matrix<T> sum = sum_of(p);
+  // Eigenpairs of the short-side Gram: D D^T = U S^2 U^T (wide) or D^T D = V S^2 V^T (tall).
+  Matrix<double> g = gram64(sum.ptr(), n, m, n, wide);
+  Matrix<double> z(r, r);
+  std::vector<double> w(static_cast<size_t>(r));
+  cpu_backend<double>().eigh_top(r, g.ptr(), g.ld(), r, w.data(), z.ptr(), z.ld());
+  // Beyond cond 1e6 a float64 Gram no longer resolves the small directions to fp32 accuracy.
+  if (!(w[0] > 0) || !(w[r - 1] > 1e-12 * w[0])) return iso_c(be, p, rank_tol, out);
+  std::vector<T> sigma(static_cast<size_t>(r));
+  for (int j = 0; j < r; ++j) sigma[j] = static_cast<T>(std::sqrt(std::max(w[j], 0.0)));
+  const int q = count_above(sigma, r, sigma[0] * rank_cut_factor<T>(rank_tol, m, n));
+  if (q == 0) return zero(p, out);
+  const T sigma_bar = std::accumulate(sigma.begin(), sigma.begin() + q, T(0)) / T(q);
+  // W = Z_q S_q^{-1} Z_q^T; polar(D) = W D (wide) or D W (tall); in X layout M^T = X W or W X.
+  Matrix<double> zs(r, q);
+  for (int j = 0; j < q; ++j)
+    for (int i = 0; i < r; ++i) zs.col(j)[i] = z.col(j)[i] / std::sqrt(w[j]);
+  Matrix<double> w64(r, r);
+  cpu_backend<double>().gemm(false, true, r, r, q, 1.0, zs.ptr(), r, z.ptr(), r, 0.0, w64.ptr(), r);
+  Matrix<T> wt(r, r);
+  std::transform(w64.data.begin(), w64.data.end(), wt.data.begin(),
+                 [](double v) { return static_cast<T>(v); });
+  if (wide)
+    be.gemm(false, false, n, m, m, sigma_bar, sum.ptr(), n, wt.ptr(), r, T(0), out, n);
+  else
+    be.gemm(false, false, n, m, n, sigma_bar, wt.ptr(), r, sum.ptr(), n, T(0), out, n);
+}
+
+template void iso_c_gram<float>(Backend<float>&, const MatrixProblem<float>&, double, float*);
+template void iso_c_gram<double>(Backend<double>&, const MatrixProblem<double>&, double, double*);
+
 }  // namespace isofast

@@ -29,6 +29,8 @@ template <class T>
 void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, double rank_tol,
                   T* out);
 template <class T>
+void iso_c_gram(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out);
+template <class T>
 void tsv_m_gram(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out);
 
 // Each writes the merged update M (as X-layout, column-major rows x cols) into `out`.

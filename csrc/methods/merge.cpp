@@ -120,7 +120,12 @@ void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T
   ISOFAST_CHECK(opt.route == "auto" || opt.route == "gram" || opt.route == "direct",
                 "route must be auto, gram or direct, got '", opt.route, "'");
   const bool gram = opt.route == "gram" || (opt.route == "auto" && sizeof(T) == 4);
-  if (k == "iso_c") return iso_c(be, p, opt.rank_tol, m);
+  if (k == "iso_c") {
+    // gesdd wins on square matrices; the short-side Gram wins once one side is 1.5x the other.
+    const bool oblong = 2 * std::max(p.rows, p.cols) >= 3 * std::min(p.rows, p.cols);
+    if (opt.route == "gram" || (gram && oblong)) return iso_c_gram(be, p, opt.rank_tol, m);
+    return iso_c(be, p, opt.rank_tol, m);
+  }
   if (k == "iso_cts") {
     if (gram) return iso_cts_gram(be, p, opt.common_space_fraction, opt.rank_tol, m);
     return iso_cts(be, p, opt.common_space_fraction, opt.rank_tol, m);
