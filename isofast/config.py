@@ -150,12 +150,18 @@ def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
             f"{sorted(_MERGEKIT_METHODS)} (or use isofast's own schema for iso_c, iso_cts, ...)"
         )
     entries = data.get("models") or []
-    if "base_model" not in data:
+    if "base_model" in data:
+        base = _model_path(data["base_model"], f"{path}: base_model")
+    elif method == "linear" and entries:
+        # The mean of the models does not depend on the base: the first model serves as theta0
+        # and stays among the averaged ones.
+        base = _model_path(entries[0], f"{path}: models")
+    else:
         raise MergeInputError(
             f"{path}: isofast needs 'base_model' (task vectors are taken from it)"
         )
-    base = _model_path(data["base_model"], f"{path}: base_model")
-    entries = [e for e in entries if _model_path(e, f"{path}: models") != base]
+    if "base_model" in data:  # a base listed among the models adds nothing to average over
+        entries = [e for e in entries if _model_path(e, f"{path}: models") != base]
     if not entries:
         raise MergeInputError(f"{path}: no fine-tuned models besides the base model")
     globals_ = dict(data.get("parameters") or {})
@@ -166,10 +172,12 @@ def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
 
     weight = float(_same([param(e, "weight", 1.0) for e in entries], "weight", path))
     density = float(_same([param(e, "density", 1.0) for e in entries], "density", path))
-    normalize = bool(globals_.get("normalize", method in ("ties", "dare_ties", "linear")))
+    # mergekit's defaults: normalize is on for ties and linear only.
+    normalize = bool(globals_.get("normalize", method in ("ties", "linear")))
     params: dict[str, Any] = {}
     alpha = weight
     if method == "linear":
+        # Without base_model the first model is theta0 and stays among the averaged ones.
         alpha = 1.0 if normalize else weight * len(entries)
     elif method == "ties":
         params = {"density": density, "trim": "tensor", "merge": "mean" if normalize else "sum"}
@@ -184,9 +192,10 @@ def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
         alpha = 1.0 if normalize else weight
     elif method == "dare_linear":
         params = {"drop_rate": 1.0 - density}
-        alpha = weight / len(entries) if normalize else weight
+        # normalize divides by the sum of the (equal) weights: the mean of the task vectors.
+        alpha = 1.0 / len(entries) if normalize else weight
     elif method == "task_arithmetic" and normalize:
-        alpha = weight / len(entries)
+        alpha = 1.0 / len(entries)
     dtype = data.get("dtype")
     return MergeRequest(
         base=base,

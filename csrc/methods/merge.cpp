@@ -181,6 +181,7 @@ void validate_item(const MergeItem& item) {
 
 void merge_item(const MergeOptions& opt, const MergeItem& item) {
   validate_item(item);
+  if (item.base.numel() == 0) return;  // nothing to merge (and no matrix to factor)
   if (opt.compute64)
     merge_item_as<double>(opt, item);
   else
