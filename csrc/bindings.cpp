@@ -267,7 +267,7 @@ PYBIND11_MODULE(_core, m) {
     } catch (const LinAlgError& e) {
       PyErr_SetString(error_class("LinAlgError").ptr(), e.what());
     } catch (const ValueError& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
+      PyErr_SetString(error_class("MergeInputError").ptr(), e.what());
     } catch (const Error& e) {
       PyErr_SetString(error_class("IsofastError").ptr(), e.what());
     }

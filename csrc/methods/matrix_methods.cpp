@@ -353,6 +353,44 @@ template void iso_cts_gram<double>(Backend<double>&, const MatrixProblem<double>
 template void tsv_m_gram<float>(Backend<float>&, const MatrixProblem<float>&, double, float*);
 template void tsv_m_gram<double>(Backend<double>&, const MatrixProblem<double>&, double, double*);
 
+namespace {
+
+// out = scale * X W (right = true: W is cols x cols) or scale * W X (W is rows x rows), with X
+// the rows x cols float32/64 matrix and W float64, computed in float64 blocks. Keeping W in
+// float64 matters: it holds 1/sigma_min, so rounding it to float32 would cost cond * eps32.
+template <class T>
+void apply_in_float64(const Matrix<T>& x, const Matrix<double>& w, bool left, double scale,
+                      T* out) {
+  Backend<double>& be = cpu_backend<double>();
+  constexpr int kBlock = 256;
+  const int rows = x.rows, cols = x.cols;
+  if (left) {  // column blocks of X are contiguous
+    Matrix<double> in(rows, std::min(kBlock, cols)), res(rows, std::min(kBlock, cols));
+    for (int j0 = 0; j0 < cols; j0 += kBlock) {
+      const int b = std::min(kBlock, cols - j0);
+      std::copy(x.col(j0), x.col(j0) + static_cast<size_t>(rows) * b, in.data.begin());
+      be.gemm(false, false, rows, b, rows, scale, w.ptr(), w.ld(), in.ptr(), rows, 0.0,
+              res.ptr(), rows);
+      std::transform(res.data.begin(), res.data.begin() + static_cast<size_t>(rows) * b,
+                     out + static_cast<size_t>(j0) * rows, [](double v) { return T(v); });
+    }
+    return;
+  }
+  Matrix<double> in(std::min(kBlock, rows), cols), res(std::min(kBlock, rows), cols);
+  for (int i0 = 0; i0 < rows; i0 += kBlock) {  // row blocks, gathered
+    const int b = std::min(kBlock, rows - i0);
+    for (int j = 0; j < cols; ++j)
+      for (int i = 0; i < b; ++i) in.data[i + static_cast<size_t>(j) * in.rows] = x.col(j)[i0 + i];
+    be.gemm(false, false, b, cols, cols, scale, in.ptr(), in.ld(), w.ptr(), w.ld(), 0.0,
+            res.ptr(), res.ld());
+    for (int j = 0; j < cols; ++j)
+      for (int i = 0; i < b; ++i)
+        out[i0 + i + static_cast<size_t>(j) * rows] = T(res.data[i + static_cast<size_t>(j) * res.rows]);
+  }
+}
+
+}  // namespace
+
 template <class T>
 void iso_c_gram(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out) {
   const int n = p.rows, m = p.cols, r = std::min(m, n);
@@ -376,13 +414,7 @@ void iso_c_gram(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* o
     for (int i = 0; i < r; ++i) zs.col(j)[i] = z.col(j)[i] / std::sqrt(w[j]);
   Matrix<double> w64(r, r);
   cpu_backend<double>().gemm(false, true, r, r, q, 1.0, zs.ptr(), r, z.ptr(), r, 0.0, w64.ptr(), r);
-  Matrix<T> wt(r, r);
-  std::transform(w64.data.begin(), w64.data.end(), wt.data.begin(),
-                 [](double v) { return static_cast<T>(v); });
-  if (wide)
-    be.gemm(false, false, n, m, m, sigma_bar, sum.ptr(), n, wt.ptr(), r, T(0), out, n);
-  else
-    be.gemm(false, false, n, m, n, sigma_bar, wt.ptr(), r, sum.ptr(), n, T(0), out, n);
+  apply_in_float64(sum, w64, !wide, static_cast<double>(sigma_bar), out);
 }
 
 template void iso_c_gram<float>(Backend<float>&, const MatrixProblem<float>&, double, float*);
