@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 import subprocess
+from pathlib import Path
 import sys
 import textwrap
 from typing import Any
@@ -227,8 +228,9 @@ def test_svd_of_non_finite_raises_linalg_error(dtype: type, bad: float) -> None:
     core.svd(np.ascontiguousarray(a[:3]))  # the backend still works afterwards
 
 
-def test_svd_of_nan_neither_crashes_nor_hangs() -> None:
-    """In a child process, so that a segfault or an endless LAPACK loop fails this test."""
+def test_svd_of_nan_neither_crashes_nor_hangs(tmp_path: Path) -> None:
+    """In a child process, so that a segfault or an endless LAPACK loop fails this test. It runs
+    outside the repo so that it imports the installed package, not the uncompiled source."""
     code = textwrap.dedent(
         """
         import numpy as np, isofast
@@ -241,7 +243,12 @@ def test_svd_of_nan_neither_crashes_nor_hangs() -> None:
         """
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=tmp_path,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "LinAlgError", done.stdout + done.stderr
