@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 import re
 import subprocess
-from pathlib import Path
 import sys
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import numpy as np
