@@ -21,6 +21,8 @@
 namespace py = pybind11;
 using namespace isofast;
 
+void register_polar_bindings(py::module_& m);  // csrc/polar_bindings.cpp
+
 namespace {
 
 DType dtype_from_dl(const IsoDLDataType& t, const std::string& what) {
@@ -286,6 +288,7 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &set_blas_threads, py::arg("threads"));
   m.def("get_num_threads", &get_blas_threads);
   m.def("blas_config", &blas_config);
+  register_polar_bindings(m);
 #ifdef ISOFAST_HAS_CUDA
   m.attr("cuda_built") = true;
 #else

@@ -1,0 +1,232 @@
+// isofast._cuda: the CUDA backend as its own extension module, so that `import isofast` never
+// needs libcudart. Consumes DLPack capsules of CUDA tensors (device type 2) the way
+// csrc/bindings.cpp consumes CPU ones, releases the GIL around device work, and maps core
+// errors to the same Python classes (isofast.errors).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../core/dlpack.h"
+#include "../core/error.hpp"
+#include "cuda_backend.cuh"
+#include "cuda_check.cuh"
+#include "iso_c_cuda.cuh"
+
+namespace py = pybind11;
+using namespace isofast;
+
+namespace {
+
+DType dtype_from_dl(const IsoDLDataType& t, const std::string& what) {
+  ISOFAST_CHECK(t.lanes == 1, what, ": vector dtypes (lanes != 1) are not supported");
+  if (t.code == kIsoDLFloat && t.bits == 32) return DType::F32;
+  if (t.code == kIsoDLFloat && t.bits == 64) return DType::F64;
+  if (t.code == kIsoDLFloat && t.bits == 16) return DType::F16;
+  if (t.code == kIsoDLBfloat && t.bits == 16) return DType::BF16;
+  throw ValueError(concat(what, ": the CUDA backend takes float32/float64/float16/bfloat16 "
+                                "tensors (DLPack code ",
+                          int(t.code), ", ", int(t.bits), " bits)"));
+}
+
+struct Keepalive {
+  std::vector<py::object> objects;
+};
+
+struct Viewed {
+  DeviceTensor tensor;
+  int device = 0;
+};
+
+Viewed view_of_dl(const IsoDLTensor& t, bool readonly, bool writable, const std::string& what) {
+  ISOFAST_CHECK(t.device.device_type == kIsoDLCUDA || t.device.device_type == kIsoDLCUDAManaged,
+                what, ": the CUDA backend needs a tensor on a CUDA device, got DLPack device type ",
+                t.device.device_type, " (move it with .cuda() or use the CPU backend)");
+  ISOFAST_CHECK(!(writable && readonly), what, ": the output tensor is read-only");
+  Viewed v;
+  v.device = t.device.device_id;
+  v.tensor.dtype = dtype_from_dl(t.dtype, what);
+  v.tensor.shape.assign(t.shape, t.shape + t.ndim);
+  v.tensor.data = static_cast<char*>(t.data) + t.byte_offset;
+  int64_t numel = 1;
+  for (auto s : v.tensor.shape) numel *= s;
+  if (t.strides != nullptr && numel > 0) {
+    int64_t expected = 1;
+    for (int d = t.ndim - 1; d >= 0; --d) {
+      ISOFAST_CHECK(t.shape[d] == 1 || t.strides[d] == expected, what,
+                    ": tensor is not contiguous (row-major); call .contiguous() first");
+      expected *= t.shape[d];
+    }
+  }
+  return v;
+}
+
+// The DLPack stream argument: the consumer's stream, so the producer orders its pending work
+// before ours (1 = the legacy default stream; 0 is not allowed for CUDA).
+py::object dlpack_stream_arg(std::uintptr_t stream) {
+  return py::int_(stream == 0 ? std::uintptr_t{1} : stream);
+}
+
+Viewed view_of(py::handle obj, const std::string& what, bool writable, std::uintptr_t stream,
+               Keepalive& keep) {
+  ISOFAST_CHECK(py::hasattr(obj, "__dlpack__"), what,
+                ": expected a CUDA tensor (an object with __dlpack__), got ",
+                std::string(py::str(py::type::of(obj).attr("__name__"))));
+  // Ask where the data lives first: a CPU producer must not be handed a CUDA stream.
+  if (py::hasattr(obj, "__dlpack_device__")) {
+    auto dev = obj.attr("__dlpack_device__")().cast<py::tuple>();
+    const int type = dev[0].cast<int>();
+    ISOFAST_CHECK(type == kIsoDLCUDA || type == kIsoDLCUDAManaged, what,
+                  ": the CUDA backend needs a tensor on a CUDA device, got DLPack device type ",
+                  type, " (move it with .cuda() or use the CPU backend)");
+  }
+  py::object capsule;
+  try {
+    capsule = obj.attr("__dlpack__")(py::arg("stream") = dlpack_stream_arg(stream),
+                                     py::arg("max_version") = py::make_tuple(1, 0));
+  } catch (py::error_already_set& e) {
+    if (!e.matches(PyExc_TypeError) && !e.matches(PyExc_BufferError)) throw;
+    capsule = obj.attr("__dlpack__")(py::arg("stream") = dlpack_stream_arg(stream));
+  }
+  keep.objects.push_back(capsule);
+  keep.objects.push_back(py::reinterpret_borrow<py::object>(obj));
+  PyObject* cap = capsule.ptr();
+  if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+    auto* m = static_cast<IsoDLManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
+    ISOFAST_CHECK(m->version.major == 1, what, ": unsupported DLPack major version ",
+                  m->version.major);
+    return view_of_dl(m->dl_tensor, (m->flags & kIsoDLFlagReadOnly) != 0, writable, what);
+  }
+  if (PyCapsule_IsValid(cap, "dltensor")) {
+    auto* m = static_cast<IsoDLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    return view_of_dl(m->dl_tensor, false, writable, what);
+  }
+  throw ValueError(concat(what, ": __dlpack__ did not return a DLPack capsule"));
+}
+
+// Current device switched for the duration of a call, restored afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    ISOFAST_CUDA_CHECK(cudaGetDevice(&previous_));
+    if (device != previous_) ISOFAST_CUDA_CHECK(cudaSetDevice(device));
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+py::dict iso_c_py(const py::list& finetuned, py::handle out, py::handle base, double alpha,
+                  double lower_bound, double tol, const std::string& compute, int tf32_steps,
+                  const py::object& rank_tol, bool force_svd, const py::object& stream_obj) {
+  const std::uintptr_t stream = stream_obj.is_none() ? 0 : stream_obj.cast<std::uintptr_t>();
+  Keepalive keep;
+  std::vector<DeviceTensor> fts;
+  int device = -1;
+  auto check_device = [&](const Viewed& v, const std::string& what) {
+    if (device < 0) device = v.device;
+    ISOFAST_CHECK(v.device == device, what, " is on cuda:", v.device, ", other tensors on cuda:",
+                  device);
+  };
+  for (size_t t = 0; t < finetuned.size(); ++t) {
+    const std::string what = concat("fine-tuned tensor ", t);
+    Viewed v = view_of(finetuned[t], what, false, stream, keep);
+    check_device(v, what);
+    fts.push_back(std::move(v.tensor));
+  }
+  Viewed o = view_of(out, "output tensor", true, stream, keep);
+  check_device(o, "the output tensor");
+  DeviceTensor base_tensor;
+  const bool has_base = !base.is_none();
+  if (has_base) {
+    Viewed b = view_of(base, "base tensor", false, stream, keep);
+    check_device(b, "the base tensor");
+    base_tensor = std::move(b.tensor);
+  }
+  IsoCCudaOptions opt;
+  opt.alpha = alpha;
+  opt.lower_bound = lower_bound;
+  opt.tol = tol;
+  ISOFAST_CHECK(compute == "float64" || compute == "float32",
+                "iso_c (cuda): compute must be 'float64' or 'float32', got '", compute, "'");
+  opt.compute64 = compute == "float64";
+  opt.tf32_steps = tf32_steps;
+  opt.rank_tol = rank_tol.is_none() ? -1.0 : rank_tol.cast<double>();
+  opt.force_svd = force_svd;
+
+  IsoCCudaReport rep;
+  {
+    py::gil_scoped_release release;
+    DeviceGuard guard(device < 0 ? 0 : device);
+    rep = iso_c_cuda(fts, has_base ? &base_tensor : nullptr, o.tensor, opt,
+                     reinterpret_cast<cudaStream_t>(stream));
+  }
+  if (!rep.warning.empty()) {
+    // A Python warning (not a print): filterwarnings="error" turns it into an exception.
+    if (PyErr_WarnEx(PyExc_RuntimeWarning, rep.warning.c_str(), 1) != 0) throw py::error_already_set();
+  }
+  py::dict d;
+  d["route"] = rep.route;
+  d["cert_orth"] = rep.cert_orth;
+  d["cert_sym"] = rep.cert_sym;
+  d["steps"] = rep.steps;
+  d["sigma_bar"] = rep.sigma_bar;
+  d["rank"] = rep.rank;
+  return d;
+}
+
+std::string device_name_py(int device) {
+  ISOFAST_CHECK(cuda_available(), "no CUDA device is available");
+  return cuda_device_name(device);
+}
+
+void synchronize_py() {
+  py::gil_scoped_release release;
+  ISOFAST_CUDA_CHECK(cudaDeviceSynchronize());
+}
+
+py::object error_class(const char* name) {
+  return py::module_::import("isofast.errors").attr(name);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "isofast CUDA backend (cuBLAS / cuSOLVER): GPU Iso-C by a certified polar iteration";
+
+  py::register_local_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const LinAlgError& e) {
+      PyErr_SetString(error_class("LinAlgError").ptr(), e.what());
+    } catch (const ValueError& e) {
+      PyErr_SetString(error_class("MergeInputError").ptr(), e.what());
+    } catch (const Error& e) {
+      PyErr_SetString(error_class("IsofastError").ptr(), e.what());
+    }
+  });
+
+  m.def("available", &cuda_available, "True when a CUDA device is usable.");
+  m.def("release", &release_cuda_contexts,
+        "Free the cached cuBLAS/cuSOLVER handles and workspaces (also run at exit).");
+  py::module_::import("atexit").attr("register")(m.attr("release"));
+  m.def("device_name", &device_name_py, py::arg("device") = 0, "Name of a CUDA device.");
+  m.def("synchronize", &synchronize_py, "cudaDeviceSynchronize().");
+  m.def("iso_c", &iso_c_py, py::arg("finetuned"), py::arg("out"), py::arg("base") = py::none(),
+        py::arg("alpha") = 1.0, py::arg("lower_bound") = 1e-6, py::arg("tol") = 1e-5,
+        py::arg("compute") = "float64", py::arg("tf32_steps") = 0,
+        py::arg("rank_tol") = py::none(), py::arg("force_svd") = false,
+        py::arg("stream") = py::none(),
+        "Iso-C of one 2-D key on the GPU. finetuned: CUDA tensors theta_t (or task matrices D_t "
+        "when base is None); out (written): base + alpha * sigma_bar * polar(sum_t D_t). "
+        "Returns {route, cert_orth, cert_sym, steps, sigma_bar, rank}; warns (RuntimeWarning) "
+        "when the polar iteration falls back to the SVD route. stream: a cudaStream_t as int "
+        "(e.g. torch.cuda.current_stream().cuda_stream); None: the legacy default stream.");
+}

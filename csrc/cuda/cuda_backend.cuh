@@ -1,0 +1,88 @@
+// Backend<T> (csrc/linalg/backend.hpp) on cuBLAS + cuSOLVER. Every pointer passed to it is a
+// DEVICE pointer (matrices, singular values, eigenvalues); it runs on the caller's stream.
+//   gemm       cublas<t>gemm           (math mode: see set_tf32)
+//   syrk       cublas<t>syrk, lower triangle
+//   svd        cusolverDnXgesvdp (polar decomposition + syevd; never the QR-based gesvd), thin
+//   eigh_top   cusolverDnXsyevd on the whole matrix, then the top `count` pairs, descending
+// Handles and a device/host workspace are owned by a CudaContext (RAII) and cached across calls.
+#pragma once
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "../linalg/backend.hpp"
+#include "cuda_check.cuh"
+#include "device_buffer.cuh"
+
+namespace isofast {
+
+class CudaContext {
+ public:
+  explicit CudaContext(cudaStream_t stream);
+  ~CudaContext();
+  CudaContext(const CudaContext&) = delete;
+  CudaContext& operator=(const CudaContext&) = delete;
+
+  cudaStream_t stream() const { return stream_; }
+  cublasHandle_t blas() const { return blas_; }
+  cusolverDnHandle_t solver() const { return solver_; }
+  cusolverDnParams_t params() const { return params_; }
+
+  // Cached workspaces (grow only).
+  void* device_workspace(size_t bytes) { return work_.reserve(bytes, stream_); }
+  void* host_workspace(size_t bytes) {
+    if (host_work_.size() < bytes) host_work_.resize(bytes);
+    return host_work_.data();
+  }
+  int* device_info() { return info_.reserve(1, stream_); }
+  // cuSOLVER's info, copied back (synchronises the stream).
+  int read_info();
+  void synchronize();
+
+ private:
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  cusolverDnHandle_t solver_ = nullptr;
+  cusolverDnParams_t params_ = nullptr;
+  DeviceBuffer<char> work_;
+  std::vector<char> host_work_;
+  DeviceBuffer<int> info_;
+};
+
+template <class T>
+class CudaBackend final : public Backend<T> {
+ public:
+  explicit CudaBackend(CudaContext& ctx) : ctx_(ctx) {}
+  const char* name() const override { return "cuda"; }
+
+  void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda,
+            const T* b, int ldb, T beta, T* c, int ldc) override;
+  void syrk(bool trans, int n, int k, T alpha, const T* a, int lda, T beta, T* c,
+            int ldc) override;
+  void svd(int m, int n, T* a, int lda, T* s, T* u, int ldu, T* vt, int ldvt) override;
+  void eigh_top(int n, T* a, int lda, int count, T* w, T* z, int ldz) override;
+
+  // y = A x for the n x n column-major A (device vectors).
+  void gemv(int n, const T* a, int lda, const T* x, T* y);
+  // Float32 GEMMs on TF32 tensor cores (CUBLAS_TF32_TENSOR_OP_MATH) or full fp32
+  // (CUBLAS_DEFAULT_MATH, the default). No effect for double.
+  void set_tf32(bool on);
+  // C = alpha op(A) + beta op(B) (cublas<t>geam): transposes and scaled copies.
+  void geam(bool trans_a, bool trans_b, int m, int n, T alpha, const T* a, int lda, T beta,
+            const T* b, int ldb, T* c, int ldc);
+
+  CudaContext& context() { return ctx_; }
+
+ private:
+  CudaContext& ctx_;
+};
+
+// Name of the current device and whether any CUDA device is usable (never throws).
+std::string cuda_device_name(int device);
+bool cuda_available();
+
+}  // namespace isofast
