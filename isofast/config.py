@@ -123,6 +123,7 @@ _MERGEKIT_METHODS = {
     "dare_linear": "dare_linear",
 }
 _MERGEKIT_DTYPES = {
+    "float64": "float64",
     "bfloat16": "bfloat16",
     "float16": "float16",
     "float32": "float32",
@@ -168,7 +169,13 @@ def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
 
     def param(entry: Any, name: str, default: Any) -> Any:
         own = entry.get("parameters", {}) if isinstance(entry, Mapping) else {}
-        return own.get(name, globals_.get(name, default))
+        value = own.get(name, globals_.get(name, default))
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise MergeInputError(
+                f"{path}: parameter '{name}' = {value!r}: isofast takes one number per model "
+                f"(gradients and filtered values are not supported)"
+            )
+        return value
 
     weight = float(_same([param(e, "weight", 1.0) for e in entries], "weight", path))
     density = float(_same([param(e, "density", 1.0) for e in entries], "density", path))
@@ -177,8 +184,13 @@ def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
     params: dict[str, Any] = {}
     alpha = weight
     if method == "linear":
+        if not normalize:
+            raise MergeInputError(
+                f"{path}: linear with normalize: false (sum of weighted models, no base) is "
+                f"not supported; use normalize: true or task_arithmetic"
+            )
         # Without base_model the first model is theta0 and stays among the averaged ones.
-        alpha = 1.0 if normalize else weight * len(entries)
+        alpha = 1.0
     elif method == "ties":
         params = {"density": density, "trim": "tensor", "merge": "mean" if normalize else "sum"}
         alpha = 1.0 if normalize else weight
@@ -196,7 +208,10 @@ def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
         alpha = 1.0 / len(entries) if normalize else weight
     elif method == "task_arithmetic" and normalize:
         alpha = 1.0 / len(entries)
-    dtype = data.get("dtype")
+    # mergekit: `dtype` is the compute dtype and `out_dtype` the one written (default: dtype).
+    # isofast computes in float32 (float64 when asked), never in 16-bit.
+    dtype = data.get("out_dtype") or data.get("dtype")
+    compute = "float64" if str(data.get("dtype")) in ("float64", "fp64") else "float32"
     return MergeRequest(
         base=base,
         models=tuple(_model_path(e, f"{path}: models") for e in entries),
@@ -204,5 +219,6 @@ def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
         alpha=alpha,
         params=params,
         out_dtype=_MERGEKIT_DTYPES.get(str(dtype)) if dtype else None,
+        compute_dtype=compute,
         seed=int(data.get("seed", 0)),
     )
