@@ -24,6 +24,10 @@ from typing import Any
 import numpy as np
 import pytest
 
+# Child processes (CLI runs, crash and kill tests) must import the installed package: with the
+# repo root as working directory, Python would otherwise put the uncompiled source tree first.
+os.environ["PYTHONSAFEPATH"] = "1"
+
 F32_EPS = float(np.finfo(np.float32).eps)
 F64_EPS = float(np.finfo(np.float64).eps)
 GRID = 2.0**-20

@@ -1,0 +1,125 @@
+"""End-to-end `isofast merge` time against reading the inputs (issue 3, item 4).
+
+Task arithmetic on the LLM-shaped set of bench_memory.py (Llama layout, bf16, hidden 2048,
+16 layers, a base and 4 fine-tunes, ~9.5 GB) with a warm page cache: the time of
+`isofast merge` (child process, output on the same disk, fsync'ed as always) next to the time
+of `cat <every input file> > /dev/null`, measured in the same run, alternating, each twice.
+Task arithmetic does almost no arithmetic, so the ratio shows the overhead of the pipeline
+(reading, converting, writing) over the bare cost of reading the inputs.
+
+    python bench/bench_io.py                       # full LLM set
+    python bench/bench_io.py --layers 4 --tasks 2  # quick
+
+Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench_memory import CheckpointSet, ensure_set, llama_shapes
+
+MiB = 2**20
+
+
+def input_files(folders: Sequence[Path]) -> list[Path]:
+    files: list[Path] = []
+    for f in folders:
+        files += sorted(p for p in f.iterdir() if p.name.endswith((".safetensors", ".json")))
+    return files
+
+
+def _children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def time_cat(files: Sequence[Path]) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of `cat files > /dev/null`."""
+    cpu, t0 = _children_cpu(), time.perf_counter()
+    with open("/dev/null", "wb") as null:
+        subprocess.run(["cat", *map(str, files)], stdout=null, check=True)
+    return time.perf_counter() - t0, _children_cpu() - cpu
+
+
+def time_merge(
+    base: Path, models: Sequence[Path], out: Path, method: str, threads: int | None
+) -> tuple[float, float]:
+    """Wall and CPU (user + system) seconds of one `isofast merge` child."""
+    cmd = [sys.executable, "-m", "isofast.cli", "merge", str(out), "--base", str(base)]
+    for m in models:
+        cmd += ["--model", str(m)]
+    cmd += ["--method", method, "--quiet", "--overwrite"]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    cpu, t0 = _children_cpu(), time.perf_counter()
+    subprocess.run(cmd, check=True)
+    seconds, cpu = time.perf_counter() - t0, _children_cpu() - cpu
+    shutil.rmtree(out)
+    return seconds, cpu
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    ap.add_argument("--dir", default="/tmp/isofast-bench", help="data folder (reused)")
+    ap.add_argument("--layers", type=int, default=16, help="LLM layers (default 16)")
+    ap.add_argument("--tasks", type=int, default=4, help="fine-tunes (default 4)")
+    ap.add_argument("--method", default="task_arithmetic")
+    ap.add_argument("--threads", type=int, default=None, help="merge threads (default all)")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args(argv)
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    key = "llm-2048-bf16" + ("" if args.layers == 16 else f"-l{args.layers}")
+    cs = CheckpointSet(
+        key, "LLM bf16", llama_shapes(args.layers), "bfloat16", args.tasks, args.layers, 512 * MiB
+    )
+    base, models = ensure_set(root, cs, args.tasks)
+    files = input_files([base, *models])
+    total = sum(p.stat().st_size for p in files)
+    out = root / f"out-io-{key}"
+    shutil.rmtree(out, ignore_errors=True)
+    print(f"warming the page cache ({total / 2**30:.2f} GiB)", file=sys.stderr, flush=True)
+    time_cat(files)
+    time_cat(files)
+    load0 = os.getloadavg()
+    cats: list[tuple[float, float]] = []
+    merges: list[tuple[float, float]] = []
+    for i in range(args.repeats):
+        cats.append(time_cat(files))
+        merges.append(time_merge(base, models, out, args.method, args.threads))
+        print(
+            f"  round {i + 1}: cat {cats[-1][0]:.2f} s (cpu {cats[-1][1]:.2f}), "
+            f"merge {merges[-1][0]:.2f} s (cpu {merges[-1][1]:.2f})",
+            file=sys.stderr,
+        )
+    load1 = os.getloadavg()
+    gib = total / 2**30
+    best_cat, best_merge = min(c[0] for c in cats), min(m[0] for m in merges)
+
+    def runs(xs: Sequence[tuple[float, float]]) -> str:
+        return ", ".join(f"{w:.2f} (cpu {c:.2f})" for w, c in xs)
+
+    print(
+        "| set | inputs (GiB) | method | cat runs, s | merge runs, s | best cat (GiB/s) | "
+        "best merge (GiB/s of input) | merge / cat (best wall) |\n"
+        "| --- | ---: | --- | --- | --- | ---: | ---: | ---: |\n"
+        f"| {cs.label}, {args.layers} layers, base + {args.tasks} | {gib:.2f} | {args.method} | "
+        f"{runs(cats)} | {runs(merges)} | {gib / best_cat:.2f} | {gib / best_merge:.2f} | "
+        f"{best_merge / best_cat:.2f} |\n\n"
+        f"{os.cpu_count()} CPUs; load average {load0[0]:.1f} before, {load1[0]:.1f} after; "
+        f"merge threads: {args.threads or 'all'}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
