@@ -105,20 +105,22 @@ def tensor_shapes(model: VisionTower, blocks: int | None = None) -> dict[str, tu
     }
     for i in range(n_blocks):
         b = f"transformer.resblocks.{i}."
-        shapes.update({
-            b + "ln_1.weight": (d,),
-            b + "ln_1.bias": (d,),
-            b + "attn.in_proj_weight": (3 * d, d),
-            b + "attn.in_proj_bias": (3 * d,),
-            b + "attn.out_proj.weight": (d, d),
-            b + "attn.out_proj.bias": (d,),
-            b + "ln_2.weight": (d,),
-            b + "ln_2.bias": (d,),
-            b + "mlp.c_fc.weight": (4 * d, d),
-            b + "mlp.c_fc.bias": (4 * d,),
-            b + "mlp.c_proj.weight": (d, 4 * d),
-            b + "mlp.c_proj.bias": (d,),
-        })
+        shapes.update(
+            {
+                b + "ln_1.weight": (d,),
+                b + "ln_1.bias": (d,),
+                b + "attn.in_proj_weight": (3 * d, d),
+                b + "attn.in_proj_bias": (3 * d,),
+                b + "attn.out_proj.weight": (d, d),
+                b + "attn.out_proj.bias": (d,),
+                b + "ln_2.weight": (d,),
+                b + "ln_2.bias": (d,),
+                b + "mlp.c_fc.weight": (4 * d, d),
+                b + "mlp.c_fc.bias": (4 * d,),
+                b + "mlp.c_proj.weight": (d, 4 * d),
+                b + "mlp.c_proj.bias": (d,),
+            }
+        )
     shapes["ln_post.weight"] = (d,)
     shapes["ln_post.bias"] = (d,)
     return {PREFIX + name: shape for name, shape in shapes.items()}
@@ -231,8 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     model = get_model(args.model)
     shapes = tensor_shapes(model, args.blocks)
-    print(f"{model.name}: {len(shapes)} tensors, {num_params(shapes) / 1e6:.1f} M parameters, "
-          f"{sum(len(s) == 2 for s in shapes.values())} 2-D keys")
+    print(
+        f"{model.name}: {len(shapes)} tensors, {num_params(shapes) / 1e6:.1f} M parameters, "
+        f"{sum(len(s) == 2 for s in shapes.values())} 2-D keys"
+    )
     if not args.stats:
         for name, shape in shapes.items():
             print(f"  {name}: {shape}")
@@ -247,9 +251,12 @@ def main(argv: list[str] | None = None) -> None:
         seen.add(shape)
         mats = list(task_matrices(name, (shape[0], shape[1]), args.tasks, args.seed))
         st = spectrum_stats(mats)
-        print(f"| {name.removeprefix(PREFIX)} | {shape[0]}x{shape[1]} | {st['kappa_sum']:.2e} "
-              f"| {st['kappa_task0']:.2e} | {st['energy_top3pct_task0']:.2f} "
-              f"| {st['energy_top25pct_task0']:.2f} |", flush=True)
+        print(
+            f"| {name.removeprefix(PREFIX)} | {shape[0]}x{shape[1]} | {st['kappa_sum']:.2e} "
+            f"| {st['kappa_task0']:.2e} | {st['energy_top3pct_task0']:.2f} "
+            f"| {st['energy_top25pct_task0']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
