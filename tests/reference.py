@@ -40,8 +40,8 @@ def _f64(deltas: Sequence[np.ndarray]) -> list[Array]:
 
 
 def _tol(shape: tuple[int, ...], rank_tol: float | None, eps: float) -> float:
-    # CONTRACT.md: tol = rank_tol if given else max(m, n) * eps(compute dtype).
-    return float(rank_tol) if rank_tol is not None else max(shape) * float(eps)
+    # CONTRACT.md: tol = rank_tol if given else 16 * eps(compute dtype), relative to sigma_max.
+    return float(rank_tol) if rank_tol is not None else 16.0 * float(eps)
 
 
 def range_block(a: Array, cut: float, limit: int | None = None) -> tuple[Array, Array, Array]:

@@ -30,7 +30,7 @@ struct MergeOptions {
   bool consensus_ties = false;
   // matrix methods
   double common_space_fraction = 0.8;
-  double rank_tol = -1.0;  // < 0: the default max(m, n) * eps
+  double rank_tol = -1.0;  // < 0: the default 16 * eps of the compute dtype
   // "auto": Gram routes in float32 (fewer flops, float64 Gram keeps fp32 accuracy), direct
   // gesdd routes in float64 (a float64 Gram cannot match a float64 SVD); or force either.
   std::string route = "auto";
