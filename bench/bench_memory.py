@@ -294,9 +294,11 @@ def measure(
     out: Path,
     threads: int | None,
     log: Path,
+    attempts: int = 3,
 ) -> tuple[int, Sample, float]:
     """Peak RSS (bytes, /usr/bin/time -v) of one `isofast merge` child, the /proc samples,
-    and its wall time."""
+    and its wall time. A child that fails within seconds (e.g. the package is being rebuilt
+    under it) is retried after a pause."""
     cmd = [TIME, "-v", "-o", str(log), sys.executable, "-m", "isofast.cli", "merge", str(out)]
     cmd += ["--base", str(base)]
     for m in models:
@@ -304,19 +306,24 @@ def measure(
     cmd += ["--method", method, "--quiet", "--overwrite"]
     if threads:
         cmd += ["--threads", str(threads)]
-    sample = Sample()
-    stop = threading.Event()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    sampler = threading.Thread(target=_sample, args=(proc.pid, stop, sample), daemon=True)
-    sampler.start()
-    rc = proc.wait()
-    seconds = time.perf_counter() - t0
-    stop.set()
-    sampler.join()
-    text = log.read_text()
-    if rc != 0:
-        raise RuntimeError(f"merge failed ({rc}): {' '.join(cmd)}\n{text}")
+    for attempt in range(attempts):
+        sample = Sample()
+        stop = threading.Event()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd)
+        sampler = threading.Thread(target=_sample, args=(proc.pid, stop, sample), daemon=True)
+        sampler.start()
+        rc = proc.wait()
+        seconds = time.perf_counter() - t0
+        stop.set()
+        sampler.join()
+        text = log.read_text()
+        if rc == 0:
+            break
+        if seconds > 30 or attempt + 1 == attempts:
+            raise RuntimeError(f"merge failed ({rc}): {' '.join(cmd)}\n{text}")
+        print(f"  merge failed after {seconds:.1f} s (exit {rc}); retrying", file=sys.stderr)
+        time.sleep(60)
     found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     if not found:
         raise RuntimeError(f"no maximum RSS in {log}:\n{text}")

@@ -491,7 +491,7 @@ def report(
         "isofast peak MiB",
         "ref fp32 err",
         "isofast err",
-        "ref f64 s",
+        "ref f64 s (first run, cached)",
     ]
     if subset:
         head += ["ref s, full model (est.)", "isofast s, full model (est.)"]
