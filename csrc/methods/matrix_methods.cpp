@@ -85,9 +85,10 @@ std::pair<int, int> iso_cts_sizes(int r, int tasks, double fraction) {
   return {r - total, total / tasks};
 }
 
+// Iso-C of the task sum (shared by the direct route and the Gram route's fallback).
 template <class T>
-void iso_c(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out) {
-  Matrix<T> sum = sum_of(p);
+void iso_c_of_sum(Backend<T>& be, const MatrixProblem<T>& p, const Matrix<T>& sum,
+                  double rank_tol, T* out) {
   ThinSvd<T> f = thin_svd(be, p.rows, p.cols, sum.ptr(), sum.ld());
   const T smax = f.s.empty() ? T(0) : f.s[0];
   const int q = count_above(f.s, static_cast<int>(f.s.size()),
@@ -96,6 +97,13 @@ void iso_c(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out) {
   const T sigma_bar = std::accumulate(f.s.begin(), f.s.begin() + q, T(0)) / T(q);
   be.gemm(false, false, p.rows, p.cols, q, sigma_bar, f.u.ptr(), f.u.ld(), f.vt.ptr(), f.vt.ld(),
           T(0), out, p.rows);
+}
+
+template <class T>
+void iso_c(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out) {
+  Matrix<T> sum = sum_of(p);
+  p.done_with_deltas();
+  iso_c_of_sum(be, p, sum, rank_tol, out);
 }
 
 template <class T>
@@ -128,6 +136,7 @@ void iso_cts(Backend<T>& be, const MatrixProblem<T>& p, double fraction, double 
     ThinSvd<T> task = thin_svd(be, p.rows, p.cols, residual.ptr(), residual.ld());
     dirs.append(task, count_above(task.s, s, cut));
   }
+  p.done_with_deltas();
   if (dirs.count() == 0) return zero(p, out);
   const T sigma_bar =
       std::accumulate(dirs.sigma.begin(), dirs.sigma.end(), T(0)) / T(dirs.count());
@@ -146,6 +155,7 @@ void tsv_m(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out) {
     const T smax = task.s.empty() ? T(0) : task.s[0];
     dirs.append(task, count_above(task.s, d, smax * rank_cut_factor<T>(rank_tol, p.rows, p.cols)));
   }
+  p.done_with_deltas();
   if (dirs.count() == 0) return zero(p, out);
   orthogonalized_product<T>(be, dirs, &dirs.sigma, T(1), out);
 }
@@ -294,6 +304,7 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, do
       }
     }
   }
+  p.done_with_deltas();
   if (sigmas.empty()) return zero(p, out);
   const T sigma_bar = std::accumulate(sigmas.begin(), sigmas.end(), T(0)) / T(sigmas.size());
 
@@ -336,6 +347,7 @@ void tsv_m_gram(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* o
     lefts.push_back(wide ? std::move(known) : std::move(other));
     rights.push_back(wide ? std::move(other) : std::move(known));
   }
+  p.done_with_deltas();
   if (sigmas.empty()) return zero(p, out);
   std::vector<const Matrix<T>*> l, rr;
   for (auto& u : lefts) l.push_back(&u);
@@ -396,13 +408,14 @@ void iso_c_gram(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* o
   const int n = p.rows, m = p.cols, r = std::min(m, n);
   const bool wide = m <= n;
   Matrix<T> sum = sum_of(p);
+  p.done_with_deltas();
   // Eigenpairs of the short-side Gram: D D^T = U S^2 U^T (wide) or D^T D = V S^2 V^T (tall).
   Matrix<double> g = gram64(sum.ptr(), n, m, n, wide);
   Matrix<double> z(r, r);
   std::vector<double> w(static_cast<size_t>(r));
   cpu_backend<double>().eigh_top(r, g.ptr(), g.ld(), r, w.data(), z.ptr(), z.ld());
   // Beyond cond 1e6 a float64 Gram no longer resolves the small directions to fp32 accuracy.
-  if (!(w[0] > 0) || !(w[r - 1] > 1e-12 * w[0])) return iso_c(be, p, rank_tol, out);
+  if (!(w[0] > 0) || !(w[r - 1] > 1e-12 * w[0])) return iso_c_of_sum(be, p, sum, rank_tol, out);
   std::vector<T> sigma(static_cast<size_t>(r));
   for (int j = 0; j < r; ++j) sigma[j] = static_cast<T>(std::sqrt(std::max(w[j], 0.0)));
   const int q = count_above(sigma, r, sigma[0] * rank_cut_factor<T>(rank_tol, m, n));

@@ -5,6 +5,7 @@
 // transposition is ever copied. TSV-M and Iso-C are transpose-equivariant; Iso-CTS projects
 // out D's *left* common subspace, which is X's *right* one (rows of X's V^T).
 #pragma once
+#include <functional>
 #include <utility>
 #include <vector>
 
@@ -16,6 +17,12 @@ template <class T>
 struct MatrixProblem {
   int rows = 0, cols = 0;           // of X = D^T
   std::vector<const T*> deltas;     // T task matrices, column-major, ld = rows
+  // Called once a method no longer reads `deltas` (they may be freed then): frees T copies
+  // before the factor and polar stages, which sets the peak memory of big matrices.
+  std::function<void()> release_deltas;
+  void done_with_deltas() const {
+    if (release_deltas) release_deltas();
+  }
 };
 
 // Iso-CTS sizes (docs/CONTRACT.md): returns (k, s) for r = min(m, n), T tasks, fraction f.

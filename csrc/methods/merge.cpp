@@ -39,12 +39,18 @@ const char* element_ptr(const TensorView& v, size_t index) {
 // Drop the resident pages of a read-only file mapping (they stay in the page cache), so the
 // process's RSS holds converted task vectors only. Never used on anonymous memory, where
 // MADV_DONTNEED would zero the data: the caller opts in for memory-mapped files only.
-void release_pages(const TensorView& v) {
+// Rounded out to whole pages: a dropped page of a read-only file mapping that a neighbouring
+// chunk or tensor still reads is simply faulted in again from the page cache.
+void release_range(const TensorView& v, size_t first_elem, size_t count) {
   const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
-  const auto begin = reinterpret_cast<uintptr_t>(v.data);
-  const uintptr_t first = (begin + page - 1) / page * page;
-  const uintptr_t last = (begin + v.nbytes()) / page * page;
+  const auto begin = reinterpret_cast<uintptr_t>(element_ptr(v, first_elem));
+  const uintptr_t first = begin / page * page;
+  const uintptr_t last = (begin + count * dtype_size(v.dtype) + page - 1) / page * page;
   if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTNEED);
+}
+
+void release_pages(const TensorView& v) {
+  release_range(v, 0, static_cast<size_t>(v.numel()));
 }
 
 template <class T>
@@ -65,13 +71,14 @@ TaskVectors<T> load_task_vectors(const MergeOptions& opt, const MergeItem& item)
         if (!load_as(element_ptr(item.finetuned[t], b), item.finetuned[t].dtype, len, d))
           bad[t + 1] = true;
         for (size_t i = 0; i < len; ++i) d[i] -= base[i];
+        // Drop each converted chunk's file pages at once: with T inputs mapped, keeping them
+        // to the end of the load would hold T more input-sized copies at the peak.
+        if (opt.release_inputs) release_range(item.finetuned[t], b, len);
       }
     }
   });
   for (size_t m = 0; m <= tasks; ++m)
     ISOFAST_CHECK(!bad[m], "tensor '", item.name, "' of ", model_label(m), " holds NaN or Inf");
-  if (opt.release_inputs)
-    for (const TensorView& ft : item.finetuned) release_pages(ft);
   for (size_t t = 0; t < tasks; ++t) {
     if (opt.drop_rate > 0)
       dare_drop(tv.deltas[t].data(), tv.n, opt.drop_rate, opt.seed, item.name, t, opt.threads);
@@ -116,6 +123,9 @@ void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T
   p.rows = static_cast<int>(item.base.shape[1]);  // row-major m x n == column-major n x m
   p.cols = static_cast<int>(item.base.shape[0]);
   p.deltas.assign(tv.ptrs.begin(), tv.ptrs.end());
+  p.release_deltas = [&tv] {
+    for (std::vector<T>& d : tv.deltas) std::vector<T>().swap(d);
+  };
   Backend<T>& be = cpu_backend<T>();
   ISOFAST_CHECK(opt.route == "auto" || opt.route == "gram" || opt.route == "direct",
                 "route must be auto, gram or direct, got '", opt.route, "'");
@@ -216,6 +226,8 @@ void abs_histogram_as(const MergeOptions& opt, const MergeItem& item, int digit,
   ISOFAST_CHECK(prefixes.size() == tv.ptrs.size(), "one histogram prefix per task expected");
   for (size_t t = 0; t < tv.ptrs.size(); ++t)
     abs_digit_histogram(tv.ptrs[t], tv.n, digit, prefixes[t], hist + t * 65536);
+  // The whole-model passes read every base tensor too: without this its pages would pile up.
+  if (opt.release_inputs) release_pages(item.base);
 }
 template <class T>
 int64_t ties_vote_as(const MergeOptions& opt, const MergeItem& item) {
@@ -223,7 +235,9 @@ int64_t ties_vote_as(const MergeOptions& opt, const MergeItem& item) {
   TiesSpec spec;
   spec.thresholds = opt.thresholds;
   ISOFAST_CHECK(spec.thresholds.size() == tv.ptrs.size(), "one TIES threshold per task expected");
-  return ties_sign_vote(tv.ptrs, tv.n, spec, opt.threads);
+  const int64_t vote = ties_sign_vote(tv.ptrs, tv.n, spec, opt.threads);
+  if (opt.release_inputs) release_pages(item.base);
+  return vote;
 }
 }  // namespace
 
