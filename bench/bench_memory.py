@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from shapes import get_model, tensor_shapes
 
 from isofast.io import INDEX_NAME, SINGLE_NAME, CheckpointWriter
 
@@ -55,38 +56,8 @@ MARKER = ".isofast-bench-complete"
 
 
 def vit_l14_shapes(blocks: int = 24) -> dict[str, tuple[int, ...]]:
-    """CLIP ViT-L/14 visual tower (OpenCLIP names; the same table as bench/shapes.py)."""
-    d, p, grid, embed = 1024, 14, 224 // 14, 768
-    pre = "model.visual."
-    shapes: dict[str, tuple[int, ...]] = {
-        pre + "class_embedding": (d,),
-        pre + "positional_embedding": (grid * grid + 1, d),
-        pre + "proj": (d, embed),
-        pre + "conv1.weight": (d, 3, p, p),
-        pre + "ln_pre.weight": (d,),
-        pre + "ln_pre.bias": (d,),
-    }
-    for i in range(blocks):
-        b = f"{pre}transformer.resblocks.{i}."
-        shapes.update(
-            {
-                b + "ln_1.weight": (d,),
-                b + "ln_1.bias": (d,),
-                b + "attn.in_proj_weight": (3 * d, d),
-                b + "attn.in_proj_bias": (3 * d,),
-                b + "attn.out_proj.weight": (d, d),
-                b + "attn.out_proj.bias": (d,),
-                b + "ln_2.weight": (d,),
-                b + "ln_2.bias": (d,),
-                b + "mlp.c_fc.weight": (4 * d, d),
-                b + "mlp.c_fc.bias": (4 * d,),
-                b + "mlp.c_proj.weight": (d, 4 * d),
-                b + "mlp.c_proj.bias": (d,),
-            }
-        )
-    shapes[pre + "ln_post.weight"] = (d,)
-    shapes[pre + "ln_post.bias"] = (d,)
-    return shapes
+    """CLIP ViT-L/14 visual tower, OpenCLIP names (the table of bench/shapes.py)."""
+    return tensor_shapes(get_model("L/14"), blocks)
 
 
 def llama_shapes(

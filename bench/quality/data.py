@@ -410,13 +410,22 @@ def load_task(
     if name not in BUILDERS:
         raise KeyError(f"unknown task {name!r}; known: {', '.join(TASK_NAMES)}")
     spec, raw = BUILDERS[name]()
+    return make_task(
+        spec, raw, n_train=n_train, n_val=n_val, n_test=n_test, seed=seed, version=DATA_VERSION
+    )
+
+
+def make_task(
+    spec: TaskSpec, raw: Raw, *, n_train: int, n_val: int, n_test: int, seed: int, version: int
+) -> Task:
+    """Split a built task (``split_balanced``, seeded by name, seed and data version)."""
     train, val, test, pool = split_balanced(
         raw,
         len(spec.classes),
         n_train=n_train,
         n_val=n_val,
         n_test=n_test,
-        seed=_seed(name, seed, DATA_VERSION),
+        seed=_seed(spec.name, seed, version),
     )
     pool["examples"] = len(raw)
     return Task(spec, train, val, test, pool)

@@ -52,14 +52,14 @@ class FinetuneConfig:
     probe_examples: int = 500
     seed: int = 0
 
-    def key(self, task: str, data_version: int, n_train: int) -> str:
+    def key(self, task: str, data_version: int, n_train: int, model: str = MODEL_PACKAGE) -> str:
         blob = json.dumps(
             {
                 "cfg": asdict(self),
                 "task": task,
                 "data": data_version,
                 "n_train": n_train,
-                "model": MODEL_PACKAGE,
+                "model": model,
             },
             sort_keys=True,
         )

