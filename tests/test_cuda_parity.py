@@ -5,8 +5,9 @@ cuBLAS or cuSOLVER at build time), when no GPU is usable, or without torch with 
 
 Inputs: fresh random task matrices whose sum D has log-spaced singular values (condition
 numbers 1e2..1e6), float32 on the device. Asserted: relative error of the merged update vs
-reference.iso_c <= 1e-4 (float32 data), certificate <= 1e-5 on the polar route, and a loud
-fallback (RuntimeWarning, SVD route) when the certificate cannot hold.
+reference.iso_c <= 1e-4 (float32 data), certificate <= 1e-5 on the polar route (directly and
+through the QR-first reduction of long matrices), and a loud fallback (RuntimeWarning, float64
+SVD route with the contract's rank cut) when the certificate cannot hold.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ torch = pytest.importorskip("torch")
 if not _cuda.available() or not torch.cuda.is_available():
     pytest.skip("no usable CUDA GPU on this machine", allow_module_level=True)
 
-SHAPES = [(48, 48), (96, 40), (40, 96), (384, 256), (256, 640)]
+# Square, tall, wide; the last two are long (max >= 3 min) and run with the QR-first route
+# forced (automatic only from min(m, n) >= 2048).
+SHAPES = [(48, 48), (96, 40), (40, 96), (384, 256), (256, 640), (40, 160), (200, 48)]
 CONDS = [1e2, 1e4, 1e5, 1e6]
 TASKS = 3
 
@@ -78,13 +81,24 @@ def test_iso_c_matches_reference(shape: tuple[int, int], fresh: Fresh) -> None:
     for cond in CONDS:
         deltas = spectrum_deltas(fresh.rng, shape, cond)
         want = ref.iso_c([d.astype(np.float64) for d in deltas])
-        got, info = run_gpu(deltas)
+        got, info = run_gpu(deltas, qr=True if max(shape) >= 3 * min(shape) else None)
         ctx = f"cond {cond:.0e}, {info}, {fresh}"
         assert info["route"] == "polar", ctx
         assert info["cert_orth"] <= 1e-5 and info["cert_sym"] <= 1e-5, ctx
         assert 12 <= info["steps"] <= 14, ctx
         err = rel(got, want)
         assert err <= 1e-4, f"relative error {err:.2e} > 1e-4 ({ctx})"
+
+
+def test_qr_route_on_and_off(fresh: Fresh) -> None:
+    """The QR-first reduction (forced on a square-ish matrix, off on a long one) changes
+    nothing beyond rounding."""
+    for shape, qr in [((120, 100), True), ((300, 64), False), ((64, 300), True)]:
+        deltas = spectrum_deltas(fresh.rng, shape, 1e5)
+        want = ref.iso_c([d.astype(np.float64) for d in deltas])
+        got, info = run_gpu(deltas, qr=qr)
+        assert info["route"] == "polar" and info["qr"] == qr, (shape, info, fresh)
+        assert rel(got, want) <= 1e-4, (shape, info, fresh)
 
 
 def test_svd_route_matches_reference(fresh: Fresh) -> None:
@@ -101,6 +115,10 @@ def test_base_alpha_and_bf16(fresh: Fresh) -> None:
     shape = (128, 96)
     base = (rng.integers(8, 33, size=shape) / 16.0).astype(np.float32)
     deltas = spectrum_deltas(rng, shape, 1e3)
+    # Entries of the sum up to 0.1 (Iso-C is homogeneous): deltas far below bf16's resolution
+    # near the base (2**-8) would round away and leave D = 0.
+    grow = 0.1 / float(np.max(np.abs(np.sum(deltas, axis=0))))
+    deltas = [(d * grow).astype(np.float32) for d in deltas]
     fts = [torch.from_numpy(base + d).to(torch.bfloat16).cuda() for d in deltas]
     # The deltas the GPU sees: bf16-rounded fine-tunes minus the base, in float64.
     seen = [ft.double().cpu().numpy() - base.astype(np.float64) for ft in fts]
@@ -121,15 +139,46 @@ def test_float32_compute_route(fresh: Fresh) -> None:
 
 
 def test_rank_deficient_falls_back_loudly(fresh: Fresh) -> None:
-    """A rank-5 sum cannot be certified: RuntimeWarning, SVD route, contract's rank cut."""
+    """An exactly rank-10 sum cannot be certified: RuntimeWarning, float64 SVD route, contract's
+    rank cut (16 * eps of the compute type, relative to sigma_max) raised to gesvdp's own noise
+    floor (2 * h_err_sigma: its null singular values sit near 5e-13 * sigma_max on an H200).
+    The task matrices are products of multiples of 1/16 (conftest.low_rank_delta's rule), so
+    they and their float32 sum are exact: float32 rounding noise would otherwise sit near
+    1e-8 * sigma_max, above the float64 cut, and count as genuine directions."""
     rng = fresh.rng
-    m, n = 80, 60
-    deltas = [(rng.standard_normal((m, 5)) @ rng.standard_normal((5, n))).astype(np.float32)]
+    m, n, k = 80, 60, 5
+    deltas = [
+        (rng.integers(-8, 9, size=(m, k)) / 16.0) @ (rng.integers(-8, 9, size=(k, n)) / 16.0)
+        for _ in range(2)
+    ]
+    deltas = [deltas[0].astype(np.float32), (-0.5 * deltas[0] + deltas[1]).astype(np.float32)]
     want = ref.iso_c([d.astype(np.float64) for d in deltas])
     with pytest.warns(RuntimeWarning, match="fell back to the SVD route"):
         got, info = run_gpu(deltas)
-    assert info["route"] == "svd" and info["rank"] == 5, (info, fresh)
+    assert info["route"] == "svd" and info["rank"] == 2 * k, (info, fresh)
     assert rel(got, want) <= 1e-4, (info, fresh)
+
+
+def test_stream_and_dtypes(fresh: Fresh) -> None:
+    """A side stream (DLPack stream hand-off), float64 / bfloat16 outputs, float16 inputs."""
+    deltas = spectrum_deltas(fresh.rng, (72, 56), 1e3)
+    want = ref.iso_c([d.astype(np.float64) for d in deltas])
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        ins = [to_cuda(d) for d in deltas]
+        out64 = torch.zeros(deltas[0].shape, dtype=torch.float64, device="cuda")
+        info = _cuda.iso_c(ins, out64, stream=side.cuda_stream)
+        outbf = torch.zeros(deltas[0].shape, dtype=torch.bfloat16, device="cuda")
+        _cuda.iso_c(ins, outbf, stream=side.cuda_stream)
+    side.synchronize()
+    assert info["route"] == "polar", (info, fresh)
+    assert rel(out64.cpu().numpy(), want) <= 1e-6, (info, fresh)  # float32 inputs, f64 math
+    assert rel(outbf.double().cpu().numpy(), want) <= 1e-2, (info, fresh)  # bf16 rounding
+    half = [torch.from_numpy(d * 1024.0).half().cuda() for d in deltas]  # fp16 normal range
+    seen = [h.double().cpu().numpy() for h in half]
+    out = torch.zeros(deltas[0].shape, dtype=torch.float32, device="cuda")
+    info = _cuda.iso_c(half, out)
+    assert rel(out.double().cpu().numpy(), ref.iso_c(seen)) <= 1e-4, (info, fresh)
 
 
 def test_errors() -> None:

@@ -125,7 +125,8 @@ class DeviceGuard {
 
 py::dict iso_c_py(const py::list& finetuned, py::handle out, py::handle base, double alpha,
                   double lower_bound, double tol, const std::string& compute, int tf32_steps,
-                  const py::object& rank_tol, bool force_svd, const py::object& stream_obj) {
+                  const py::object& rank_tol, bool force_svd, const py::object& stream_obj,
+                  const py::object& qr) {
   const std::uintptr_t stream = stream_obj.is_none() ? 0 : stream_obj.cast<std::uintptr_t>();
   Keepalive keep;
   std::vector<DeviceTensor> fts;
@@ -160,6 +161,7 @@ py::dict iso_c_py(const py::list& finetuned, py::handle out, py::handle base, do
   opt.tf32_steps = tf32_steps;
   opt.rank_tol = rank_tol.is_none() ? -1.0 : rank_tol.cast<double>();
   opt.force_svd = force_svd;
+  opt.qr_reduce = qr.is_none() ? -1 : (qr.cast<bool>() ? 1 : 0);
 
   IsoCCudaReport rep;
   {
@@ -179,6 +181,13 @@ py::dict iso_c_py(const py::list& finetuned, py::handle out, py::handle base, do
   d["steps"] = rep.steps;
   d["sigma_bar"] = rep.sigma_bar;
   d["rank"] = rep.rank;
+  d["qr"] = rep.qr;
+  if (rep.route == "svd") {
+    d["sigma_max"] = rep.sigma_max;
+    d["svd_err_sigma"] = rep.svd_err_sigma;
+    d["sigma_cut"] = rep.sigma_cut;
+    d["sigma_first_dropped"] = rep.sigma_first_dropped;
+  }
   return d;
 }
 
@@ -223,10 +232,12 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("alpha") = 1.0, py::arg("lower_bound") = 1e-6, py::arg("tol") = 1e-5,
         py::arg("compute") = "float64", py::arg("tf32_steps") = 0,
         py::arg("rank_tol") = py::none(), py::arg("force_svd") = false,
-        py::arg("stream") = py::none(),
+        py::arg("stream") = py::none(), py::arg("qr") = py::none(),
         "Iso-C of one 2-D key on the GPU. finetuned: CUDA tensors theta_t (or task matrices D_t "
         "when base is None); out (written): base + alpha * sigma_bar * polar(sum_t D_t). "
         "Returns {route, cert_orth, cert_sym, steps, sigma_bar, rank}; warns (RuntimeWarning) "
         "when the polar iteration falls back to the SVD route. stream: a cudaStream_t as int "
-        "(e.g. torch.cuda.current_stream().cuda_stream); None: the legacy default stream.");
+        "(e.g. torch.cuda.current_stream().cuda_stream); None: the legacy default stream. qr: run the "
+        "iteration on the R factor of a QR of D (True), never (False), or when max(m, n) >= "
+        "3 min(m, n) and min(m, n) >= 2048 (None).");
 }

@@ -10,6 +10,19 @@ namespace isofast {
 // ------------------------------------------------------------------------------ context
 
 CudaContext::CudaContext(cudaStream_t stream) : stream_(stream) {
+  // Every per-call buffer comes from cudaMallocAsync's default pool. With its default release
+  // threshold (0) the pool hands its memory back at each synchronisation and the next call
+  // maps it again; keep up to kPoolKeepBytes between calls (release() trims it to zero).
+  {
+    int device = 0;
+    cudaMemPool_t pool = nullptr;
+    ISOFAST_CUDA_CHECK(cudaGetDevice(&device));
+    ISOFAST_CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+    uint64_t keep = kPoolKeepBytes, current = 0;
+    ISOFAST_CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &current));
+    if (current < keep)
+      ISOFAST_CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+  }
   // Create in order; on failure the destructor is not run, so undo by hand.
   ISOFAST_CUBLAS_CHECK(cublasCreate(&blas_));
   try {
@@ -179,6 +192,7 @@ void CudaBackend<T>::svd(int m, int n, T* a, int lda, T* s, T* u, int ldu, T* vt
                                            right, ld_right, dt, dev_ws, dev_bytes, host_ws,
                                            host_bytes, ctx_.device_info(), &err_sigma));
   check_cusolver_info("cusolverDnXgesvdp", ctx_.read_info(), m, n);
+  err_sigma_ = err_sigma;
   // vt (r x n) = (V of the tall problem)^T when tall, (U' of A^T)^T when wide.
   // Zero vt first (beta = 0 with B = C, as above).
   ISOFAST_CUDA_CHECK(cudaMemset2DAsync(vt, sizeof(T) * static_cast<size_t>(ldvt), 0, sizeof(T) * r,

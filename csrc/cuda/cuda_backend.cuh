@@ -10,6 +10,7 @@
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -22,6 +23,7 @@ namespace isofast {
 
 class CudaContext {
  public:
+  static constexpr uint64_t kPoolKeepBytes = uint64_t{4} << 30;  // 4 GiB
   explicit CudaContext(cudaStream_t stream);
   ~CudaContext();
   CudaContext(const CudaContext&) = delete;
@@ -76,9 +78,12 @@ class CudaBackend final : public Backend<T> {
             const T* b, int ldb, T* c, int ldc);
 
   CudaContext& context() { return ctx_; }
+  // cusolverDnXgesvdp's h_err_sigma of the last svd() ("magnitude of the perturbation").
+  double last_svd_err_sigma() const { return err_sigma_; }
 
  private:
   CudaContext& ctx_;
+  double err_sigma_ = 0;
 };
 
 // Name of the current device and whether any CUDA device is usable (never throws).

@@ -67,12 +67,17 @@ double certificate(CudaContext& ctx, int rows, int cols, const W* q, const W* d,
   return sums[2];
 }
 
-// The polar iteration on the device (the same algorithm as linalg/polar_iter.cpp): Q ends up
-// in `q_out`. Returns the certificate's trace(Q^T D).
+// The quintic iteration on the device (the same algorithm and schedule as
+// linalg/polar_iter.cpp) on the rows x cols column-major a (leading dimension rows); Q ends up
+// in q_out. a_norm: ||a||_F (only its power of two is used, to scale exactly).
+// Differences from the CPU loop, none of which changes the arithmetic beyond rounding: the
+// power iteration for the lower sigma_max estimate runs on the device (no host round trips),
+// and each step forms h = a I + b G + c G^2 and X h (or h X) instead of a X + X (b G + c G^2),
+// which saves a full copy of X per step.
 template <class W>
-double polar_device(CudaContext& ctx, CudaBackend<W>& be, int rows, int cols, const W* d,
-                    double d_norm, W* q_out, const IsoCCudaOptions& opt, double lower_bound,
-                    IsoCCudaReport& rep) {
+void polar_iterate(CudaContext& ctx, CudaBackend<W>& be, int rows, int cols, const W* a,
+                   double a_norm, W* q_out, const IsoCCudaOptions& opt, double lower_bound,
+                   double target, IsoCCudaReport& rep) {
   cudaStream_t st = ctx.stream();
   const int n = std::min(rows, cols);
   const bool right = rows >= cols;
@@ -80,12 +85,12 @@ double polar_device(CudaContext& ctx, CudaBackend<W>& be, int rows, int cols, co
   const size_t count = static_cast<size_t>(rows) * cols;
 
   int exp2 = 0;
-  std::frexp(d_norm, &exp2);
+  std::frexp(a_norm, &exp2);
   DeviceBuffer<W> x(count, st), y(count, st), g(static_cast<size_t>(n) * n, st),
       g2(static_cast<size_t>(n) * n, st);
-  cuda::scale(d, x.get(), static_cast<W>(std::ldexp(1.0, -exp2)), count, st);  // exact
+  cuda::scale(a, x.get(), static_cast<W>(std::ldexp(1.0, -exp2)), count, st);  // exact
 
-  auto gram = [&](W* xs) {
+  auto gram = [&](const W* xs) {
     be.syrk(right, n, longer, W(1), xs, rows, W(0), g.get(), n);
     cuda::symmetrize_lower(g.get(), n, st);
     be.gemm(false, false, n, n, n, W(1), g.get(), n, g.get(), n, W(0), g2.get(), n);
@@ -101,35 +106,32 @@ double polar_device(CudaContext& ctx, CudaBackend<W>& be, int rows, int cols, co
   const double upper = std::pow(std::min(frob, inf), 0.25);
   double lower = std::pow(frob / std::sqrt(static_cast<double>(n)), 0.25);
   {
-    std::vector<W> v(static_cast<size_t>(n)), w(static_cast<size_t>(n));
+    std::vector<W> v(static_cast<size_t>(n));
     for (int i = 0; i < n; ++i)
       v[i] = static_cast<W>(static_cast<double>(mix64(0x5EEDULL + static_cast<uint64_t>(i)) >> 11) *
                                 (2.0 / 9007199254740992.0) -
                             1.0);
+    const int iters = std::max(opt.power_iters, 0) + 1;
     DeviceBuffer<W> dv(static_cast<size_t>(n), st), dw(static_cast<size_t>(n), st);
-    double rayleigh = 0;
-    for (int it = 0; it <= opt.power_iters; ++it) {
-      ISOFAST_CUDA_CHECK(cudaMemcpyAsync(dv.get(), v.data(), sizeof(W) * n, cudaMemcpyHostToDevice, st));
+    DeviceBuffer<double> rq(static_cast<size_t>(iters), st);
+    ISOFAST_CUDA_CHECK(cudaMemcpyAsync(dv.get(), v.data(), sizeof(W) * n, cudaMemcpyHostToDevice, st));
+    for (int it = 0; it < iters; ++it) {
       be.gemv(n, g2.get(), n, dv.get(), dw.get());
-      ISOFAST_CUDA_CHECK(cudaMemcpyAsync(w.data(), dw.get(), sizeof(W) * n, cudaMemcpyDeviceToHost, st));
-      ctx.synchronize();
-      double vv = 0, vw = 0, ww = 0;
-      for (int i = 0; i < n; ++i) {
-        vv += static_cast<double>(v[i]) * v[i];
-        vw += static_cast<double>(v[i]) * w[i];
-        ww += static_cast<double>(w[i]) * w[i];
-      }
-      if (!(vv > 0) || !(ww > 0)) break;
-      rayleigh = std::max(rayleigh, vw / vv);
-      const double inv = 1.0 / std::sqrt(ww);
-      for (int i = 0; i < n; ++i) v[i] = static_cast<W>(w[i] * inv);
+      cuda::power_step(dw.get(), dv.get(), n, rq.get() + it, st);
     }
+    std::vector<double> hrq(static_cast<size_t>(iters));
+    ISOFAST_CUDA_CHECK(cudaMemcpyAsync(hrq.data(), rq.get(), sizeof(double) * iters,
+                                       cudaMemcpyDeviceToHost, st));
+    ctx.synchronize();  // also keeps v alive until the copy is done
+    double rayleigh = 0;
+    for (double q : hrq)
+      if (std::isfinite(q)) rayleigh = std::max(rayleigh, q);
     if (rayleigh > 0) lower = std::max(lower, std::pow(rayleigh, 0.25));
     lower = std::min(lower, upper);
   }
 
-  const std::vector<PolarStep> sched = polar_schedule(
-      std::max(lower_bound * lower / upper, 1e-300), std::numeric_limits<W>::epsilon());
+  const std::vector<PolarStep> sched =
+      polar_schedule(std::max(lower_bound * lower / upper, 1e-300), target);
   for (size_t k = 0; k < sched.size(); ++k) {
     be.set_tf32(static_cast<int>(k) < opt.tf32_steps);
     double ca = sched[k].a, cb = sched[k].b, cc = sched[k].c;
@@ -140,41 +142,142 @@ double polar_device(CudaContext& ctx, CudaBackend<W>& be, int rows, int cols, co
     } else {
       gram(x.get());
     }
-    cuda::lincomb(g2.get(), static_cast<W>(cb), g.get(), static_cast<W>(cc), g2.get(),
-                  static_cast<size_t>(n) * n, st);
-    copy_d2d(y.get(), x.get(), count, st);
+    cuda::poly_h(g2.get(), static_cast<W>(ca), static_cast<W>(cb), g.get(), static_cast<W>(cc),
+                 g2.get(), n, st);
+    W* dst = k + 1 == sched.size() ? q_out : y.get();  // the last step writes Q in place
     if (right)
-      be.gemm(false, false, rows, cols, cols, W(1), x.get(), rows, g2.get(), n, static_cast<W>(ca),
-              y.get(), rows);
+      be.gemm(false, false, rows, cols, cols, W(1), x.get(), rows, g2.get(), n, W(0), dst, rows);
     else
-      be.gemm(false, false, rows, cols, rows, W(1), g2.get(), n, x.get(), rows, static_cast<W>(ca),
-              y.get(), rows);
+      be.gemm(false, false, rows, cols, rows, W(1), g2.get(), n, x.get(), rows, W(0), dst, rows);
     std::swap(x, y);
   }
+  if (sched.empty()) copy_d2d(q_out, x.get(), count, st);
   be.set_tf32(false);
   rep.steps = static_cast<int>(sched.size());
-  copy_d2d(q_out, x.get(), count, st);
+}
+
+template <class W>
+void geqrf(CudaContext& ctx, int m, int n, W* a, int lda, W* tau) {
+  int lwork = 0;
+  if constexpr (std::is_same_v<W, float>)
+    ISOFAST_CUSOLVER_CHECK(cusolverDnSgeqrf_bufferSize(ctx.solver(), m, n, a, lda, &lwork));
+  else
+    ISOFAST_CUSOLVER_CHECK(cusolverDnDgeqrf_bufferSize(ctx.solver(), m, n, a, lda, &lwork));
+  W* work = static_cast<W*>(ctx.device_workspace(sizeof(W) * static_cast<size_t>(std::max(lwork, 1))));
+  if constexpr (std::is_same_v<W, float>)
+    ISOFAST_CUSOLVER_CHECK(cusolverDnSgeqrf(ctx.solver(), m, n, a, lda, tau, work, lwork, ctx.device_info()));
+  else
+    ISOFAST_CUSOLVER_CHECK(cusolverDnDgeqrf(ctx.solver(), m, n, a, lda, tau, work, lwork, ctx.device_info()));
+  check_cusolver_info("cusolverDn<t>geqrf", ctx.read_info(), m, n);
+}
+
+// c (m x n) <- Q c with Q the m x m orthogonal factor of a geqrf (k = n reflectors).
+template <class W>
+void ormqr_left(CudaContext& ctx, int m, int n, const W* a, int lda, const W* tau, W* c, int ldc) {
+  int lwork = 0;
+  if constexpr (std::is_same_v<W, float>)
+    ISOFAST_CUSOLVER_CHECK(cusolverDnSormqr_bufferSize(ctx.solver(), CUBLAS_SIDE_LEFT, CUBLAS_OP_N, m,
+                                                       n, n, a, lda, tau, c, ldc, &lwork));
+  else
+    ISOFAST_CUSOLVER_CHECK(cusolverDnDormqr_bufferSize(ctx.solver(), CUBLAS_SIDE_LEFT, CUBLAS_OP_N, m,
+                                                       n, n, a, lda, tau, c, ldc, &lwork));
+  W* work = static_cast<W*>(ctx.device_workspace(sizeof(W) * static_cast<size_t>(std::max(lwork, 1))));
+  if constexpr (std::is_same_v<W, float>)
+    ISOFAST_CUSOLVER_CHECK(cusolverDnSormqr(ctx.solver(), CUBLAS_SIDE_LEFT, CUBLAS_OP_N, m, n, n, a,
+                                            lda, tau, c, ldc, work, lwork, ctx.device_info()));
+  else
+    ISOFAST_CUSOLVER_CHECK(cusolverDnDormqr(ctx.solver(), CUBLAS_SIDE_LEFT, CUBLAS_OP_N, m, n, n, a,
+                                            lda, tau, c, ldc, work, lwork, ctx.device_info()));
+  check_cusolver_info("cusolverDn<t>ormqr", ctx.read_info(), m, n);
+}
+
+// Tall a (big x small, column-major, leading dimension big): a = Q_R R (Householder QR),
+// polar(a) = Q_R polar(R), so the quintic steps run on the small x small R (5 small^3 FLOPs a
+// step instead of 3 big small^2 + 2 small^3). Q_R is orthogonal to working precision; the
+// certificate is still taken against the original D.
+template <class W>
+void polar_tall_qr(CudaContext& ctx, CudaBackend<W>& be, int big, int small, const W* a,
+                   double a_norm, W* q_out, const IsoCCudaOptions& opt, double lower_bound,
+                   double target, IsoCCudaReport& rep) {
+  cudaStream_t st = ctx.stream();
+  const size_t count = static_cast<size_t>(big) * small;
+  const size_t sq = static_cast<size_t>(small) * small;
+  DeviceBuffer<W> qr(count, st), tau(static_cast<size_t>(small), st), r(sq, st), p(sq, st);
+  copy_d2d(qr.get(), a, count, st);
+  geqrf<W>(ctx, big, small, qr.get(), big, tau.get());
+  cuda::upper_triangle(qr.get(), big, small, r.get(), st);
+  polar_iterate<W>(ctx, be, small, small, r.get(), a_norm, p.get(), opt, lower_bound, target, rep);
+  ISOFAST_CUDA_CHECK(cudaMemsetAsync(q_out, 0, sizeof(W) * count, st));
+  ISOFAST_CUDA_CHECK(cudaMemcpy2DAsync(q_out, sizeof(W) * static_cast<size_t>(big), p.get(),
+                                       sizeof(W) * static_cast<size_t>(small),
+                                       sizeof(W) * static_cast<size_t>(small),
+                                       static_cast<size_t>(small), cudaMemcpyDeviceToDevice, st));
+  ormqr_left<W>(ctx, big, small, qr.get(), big, tau.get(), q_out, big);
+}
+
+// Q ~ polar(d) into q_out by the quintic iteration (through a QR reduction when the matrix is
+// long: opt.qr_reduce), then the float64 certificate. Returns trace(Q^T D).
+template <class W>
+double polar_device(CudaContext& ctx, CudaBackend<W>& be, int rows, int cols, const W* d,
+                    double d_norm, W* q_out, const IsoCCudaOptions& opt, double lower_bound,
+                    double target, IsoCCudaReport& rep) {
+  cudaStream_t st = ctx.stream();
+  const int big = std::max(rows, cols), small = std::min(rows, cols);
+  // Auto: measured on an H200 (bench/results_gpu.md), the QR reduction saves 20 % on
+  // 4096 x 14336 but doubles the time of 4096 x 1024 (cuSOLVER's geqrf panel kernel dominates
+  // there), so only long matrices with a large short side take it.
+  const bool use_qr = opt.qr_reduce > 0 ||
+                      (opt.qr_reduce < 0 && static_cast<int64_t>(big) >= 3LL * small && small >= 2048);
+  rep.qr = use_qr;
+  if (!use_qr) {
+    polar_iterate<W>(ctx, be, rows, cols, d, d_norm, q_out, opt, lower_bound, target, rep);
+  } else if (rows >= cols) {
+    polar_tall_qr<W>(ctx, be, rows, cols, d, d_norm, q_out, opt, lower_bound, target, rep);
+  } else {  // wide: polar(D) = polar(D^T)^T, and D^T is tall
+    const size_t count = static_cast<size_t>(rows) * cols;
+    DeviceBuffer<W> dt(count, st), qt(count, st);
+    // beta = 0 with B = C (cuBLAS's in-place form); zeroed first so no stale NaN can leak.
+    ISOFAST_CUDA_CHECK(cudaMemsetAsync(dt.get(), 0, sizeof(W) * count, st));
+    be.geam(true, false, cols, rows, W(1), d, rows, W(0), dt.get(), cols, dt.get(), cols);
+    polar_tall_qr<W>(ctx, be, cols, rows, dt.get(), d_norm, qt.get(), opt, lower_bound, target, rep);
+    ISOFAST_CUDA_CHECK(cudaMemsetAsync(q_out, 0, sizeof(W) * count, st));
+    be.geam(true, false, rows, cols, W(1), qt.get(), cols, W(0), q_out, rows, q_out, rows);
+  }
   return certificate<W>(ctx, rows, cols, q_out, d, d_norm, rep);
 }
 
-// The SVD route (ALGORITHMS.md with the contract's rank cut): M = sigma_bar * U_q V_q^T.
+// The SVD route (ALGORITHMS.md with the contract's rank cut): M = sigma_bar * U_q V_q^T, always
+// computed in float64 (cusolverDnXgesvdp): it is the fallback that must hold when the
+// iteration could not certify, and a float32 gesvdp was measured to return garbage (relative
+// error 1.8e2) on 4096 x 4096 inputs of condition number 1e5.
+// Kept: sigma_i > max(cut * sigma_max, 2 * err_sigma), err_sigma = gesvdp's own perturbation
+// estimate, so that the null space of an exactly low-rank D, which gesvdp resolves only to its
+// own accuracy, is not taken for genuine directions.
 template <class W>
-void svd_route(CudaContext& ctx, CudaBackend<W>& be, int rows, int cols, const W* d, double cut,
-               W* m_out, IsoCCudaReport& rep) {
+void svd_route(CudaContext& ctx, int rows, int cols, const W* d, double cut, W* m_out,
+               IsoCCudaReport& rep) {
   cudaStream_t st = ctx.stream();
+  CudaBackend<double> be(ctx);
   const int r = std::min(rows, cols);
   const size_t count = static_cast<size_t>(rows) * cols;
-  DeviceBuffer<W> a(count, st), s(static_cast<size_t>(r), st), u(static_cast<size_t>(rows) * r, st),
-      vt(static_cast<size_t>(r) * cols, st);
-  copy_d2d(a.get(), d, count, st);
+  DeviceBuffer<double> a(count, st), s(static_cast<size_t>(r), st),
+      u(static_cast<size_t>(rows) * r, st), vt(static_cast<size_t>(r) * cols, st);
+  if constexpr (std::is_same_v<W, double>)
+    copy_d2d(a.get(), d, count, st);
+  else
+    cuda::convert(d, a.get(), count, st);
   be.svd(rows, cols, a.get(), rows, s.get(), u.get(), rows, vt.get(), r);
-  std::vector<W> hs(static_cast<size_t>(r));
-  ISOFAST_CUDA_CHECK(cudaMemcpyAsync(hs.data(), s.get(), sizeof(W) * r, cudaMemcpyDeviceToHost, st));
+  std::vector<double> hs(static_cast<size_t>(r));
+  ISOFAST_CUDA_CHECK(cudaMemcpyAsync(hs.data(), s.get(), sizeof(double) * r, cudaMemcpyDeviceToHost, st));
   ctx.synchronize();
-  const W limit = hs.empty() ? W(0) : static_cast<W>(hs[0] * cut);
+  rep.svd_err_sigma = be.last_svd_err_sigma();
+  rep.sigma_max = hs.empty() ? 0.0 : hs[0];
+  const double limit = hs.empty() ? 0.0 : std::max(hs[0] * cut, 2.0 * rep.svd_err_sigma);
+  rep.sigma_cut = limit;
   int q = 0;
   while (q < r && hs[q] > limit) ++q;
   rep.rank = q;
+  rep.sigma_first_dropped = q < r ? hs[q] : 0.0;
   if (q == 0) {
     ISOFAST_CUDA_CHECK(cudaMemsetAsync(m_out, 0, sizeof(W) * count, st));
     rep.sigma_bar = 0;
@@ -182,9 +285,13 @@ void svd_route(CudaContext& ctx, CudaBackend<W>& be, int rows, int cols, const W
   }
   double total = 0;
   for (int i = 0; i < q; ++i) total += hs[i];
-  const W sigma_bar = static_cast<W>(total / q);
-  rep.sigma_bar = static_cast<double>(sigma_bar);
-  be.gemm(false, false, rows, cols, q, sigma_bar, u.get(), rows, vt.get(), r, W(0), m_out, rows);
+  rep.sigma_bar = total / q;
+  if constexpr (std::is_same_v<W, double>) {
+    be.gemm(false, false, rows, cols, q, rep.sigma_bar, u.get(), rows, vt.get(), r, 0.0, m_out, rows);
+  } else {
+    be.gemm(false, false, rows, cols, q, rep.sigma_bar, u.get(), rows, vt.get(), r, 0.0, a.get(), rows);
+    cuda::convert(a.get(), m_out, count, st);
+  }
 }
 
 // cuBLAS / cuSOLVER handles and workspaces, cached per (device, stream) across calls (handle
@@ -236,8 +343,9 @@ IsoCCudaReport run(const std::vector<DeviceTensor>& fts, const DeviceTensor* bas
     ISOFAST_CHECK(!(hflags[t] & 1), "the tensor of ", model_label(t), " holds NaN or Inf");
   }
 
+  // Rank cut of docs/CONTRACT.md: rank_tol, else 16 * eps(compute type), relative to sigma_max.
   const double eps = std::numeric_limits<W>::epsilon();
-  const double cut = opt.rank_tol >= 0 ? opt.rank_tol : static_cast<double>(std::max(rows, cols)) * eps;
+  const double cut = opt.rank_tol >= 0 ? opt.rank_tol : 16.0 * eps;
   std::vector<double> sumsq, sumabs;
   cuda::column_norms(d.get(), rows, cols, rows, sumsq, sumabs, stream);
   const double d_norm = std::sqrt(std::accumulate(sumsq.begin(), sumsq.end(), 0.0));
@@ -251,7 +359,12 @@ IsoCCudaReport run(const std::vector<DeviceTensor>& fts, const DeviceTensor* bas
       // Singular values below the rank cut are dropped by the contract; the iteration can only
       // certify inputs whose spectrum lies above its lower bound, so use the larger of both.
       const double lb = std::max(opt.lower_bound, std::min(cut, 0.5));
-      const double trace = polar_device<W>(ctx, be, rows, cols, d.get(), d_norm, m.get(), opt, lb, rep);
+      // Iterate to the output's precision: float32 (or narrower) outputs need no float64-exact Q.
+      const double target =
+          opt.target > 0 ? opt.target
+                         : (out.dtype == DType::F64 ? eps : std::max(eps, 1.1920928955078125e-07));
+      const double trace =
+          polar_device<W>(ctx, be, rows, cols, d.get(), d_norm, m.get(), opt, lb, target, rep);
       const bool ok = std::isfinite(rep.cert_orth) && std::isfinite(rep.cert_sym) &&
                       rep.cert_orth <= opt.tol && rep.cert_sym <= opt.tol;
       if (ok) {
@@ -270,7 +383,7 @@ IsoCCudaReport run(const std::vector<DeviceTensor>& fts, const DeviceTensor* bas
     }
     if (!done) {
       rep.route = "svd";
-      svd_route<W>(ctx, be, rows, cols, d.get(), cut, m.get(), rep);
+      svd_route<W>(ctx, rows, cols, d.get(), cut, m.get(), rep);
     }
   }
   cuda::write_merged<W>(m.get(), opt.alpha, base ? base->data : nullptr,
@@ -296,6 +409,7 @@ IsoCCudaReport iso_c_cuda(const std::vector<DeviceTensor>& finetuned, const Devi
   ISOFAST_CHECK(opt.lower_bound > 0 && opt.lower_bound < 1,
                 "iso_c (cuda): lower_bound must be in (0, 1), got ", opt.lower_bound);
   ISOFAST_CHECK(opt.tf32_steps >= 0, "iso_c (cuda): tf32_steps must be >= 0");
+  ISOFAST_CHECK(opt.target >= 0 && opt.target < 1, "iso_c (cuda): target must be in [0, 1)");
   ISOFAST_CHECK(std::isfinite(opt.alpha), "alpha must be finite, got ", opt.alpha);
   std::lock_guard<std::mutex> lock(context_mutex());
   return opt.compute64 ? run<double>(finetuned, base, out, opt, stream)
@@ -310,6 +424,8 @@ void release_cuda_contexts() {
     if (cudaGetDevice(&previous) == cudaSuccess && cudaSetDevice(key.first) == cudaSuccess) {
       cudaStreamSynchronize(key.second);
       ctx.reset();
+      cudaMemPool_t pool = nullptr;  // hand the pool's kept memory back (CudaContext keeps it)
+      if (cudaDeviceGetDefaultMemPool(&pool, key.first) == cudaSuccess) cudaMemPoolTrimTo(pool, 0);
       cudaSetDevice(previous);
     }
   }

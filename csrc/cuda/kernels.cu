@@ -113,6 +113,26 @@ __global__ void lincomb_kernel(T* out, T b, const T* g, T c, const T* g2, size_t
 }
 
 template <class T>
+__global__ void poly_h_kernel(T* h, T a, T b, const T* g, T c, const T* g2, int n) {
+  const size_t total = static_cast<size_t>(n) * n;
+  for (size_t k = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; k < total;
+       k += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const T v = b * g[k] + c * g2[k];
+    h[k] = (k % n == k / n) ? v + a : v;
+  }
+}
+
+template <class T>
+__global__ void upper_triangle_kernel(const T* a, int lda, int n, T* r) {
+  const size_t total = static_cast<size_t>(n) * n;
+  for (size_t k = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; k < total;
+       k += static_cast<size_t>(gridDim.x) * blockDim.x) {
+    const int i = static_cast<int>(k % n), j = static_cast<int>(k / n);
+    r[k] = i <= j ? a[i + static_cast<size_t>(j) * lda] : T(0);
+  }
+}
+
+template <class T>
 __global__ void symmetrize_kernel(T* g, int n) {
   const size_t total = static_cast<size_t>(n) * n;
   for (size_t k = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; k < total;
@@ -140,6 +160,24 @@ __device__ double block_sum(double v, double* sh) {
   const double out = sh[0];
   __syncthreads();
   return out;
+}
+
+template <class T>
+__global__ void power_step_kernel(const T* w, T* v, int n, double* rq) {
+  __shared__ double sh[kThreads];
+  double vv = 0, vw = 0, ww = 0;
+  for (int i = threadIdx.x; i < n; i += kThreads) {
+    const double vi = static_cast<double>(v[i]), wi = static_cast<double>(w[i]);
+    vv += vi * vi;
+    vw += vi * wi;
+    ww += wi * wi;
+  }
+  vv = block_sum(vv, sh);  // block_sum ends with a barrier: every v[i] was read before the writes
+  vw = block_sum(vw, sh);
+  ww = block_sum(ww, sh);
+  if (threadIdx.x == 0) *rq = (vv > 0 && ww > 0) ? vw / vv : 0.0;
+  const double inv = ww > 0 ? 1.0 / sqrt(ww) : 0.0;
+  for (int i = threadIdx.x; i < n; i += kThreads) v[i] = static_cast<T>(static_cast<double>(w[i]) * inv);
 }
 
 template <class T>
@@ -246,6 +284,27 @@ void lincomb(T* out, T b, const T* g, T c, const T* g2, size_t n, cudaStream_t s
 }
 
 template <class T>
+void poly_h(T* h, T a, T b, const T* g, T c, const T* g2, int n, cudaStream_t stream) {
+  if (n <= 0) return;
+  poly_h_kernel<T><<<grid_for(static_cast<size_t>(n) * n), kThreads, 0, stream>>>(h, a, b, g, c, g2, n);
+  ISOFAST_CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
+void power_step(const T* w, T* v, int n, double* rq, cudaStream_t stream) {
+  if (n <= 0) return;
+  power_step_kernel<T><<<1, kThreads, 0, stream>>>(w, v, n, rq);
+  ISOFAST_CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
+void upper_triangle(const T* a, int lda, int n, T* r, cudaStream_t stream) {
+  if (n <= 0) return;
+  upper_triangle_kernel<T><<<grid_for(static_cast<size_t>(n) * n), kThreads, 0, stream>>>(a, lda, n, r);
+  ISOFAST_CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
 void symmetrize_lower(T* g, int n, cudaStream_t stream) {
   if (n <= 1) return;
   symmetrize_kernel<T><<<grid_for(static_cast<size_t>(n) * n), kThreads, 0, stream>>>(g, n);
@@ -321,6 +380,9 @@ void take_last_reversed(const T* src, int ld_src, int rows, int total, int count
   template void scale<T>(const T*, T*, T, size_t, cudaStream_t);                                \
   template void lincomb<T>(T*, T, const T*, T, const T*, size_t, cudaStream_t);                 \
   template void symmetrize_lower<T>(T*, int, cudaStream_t);                                     \
+  template void poly_h<T>(T*, T, T, const T*, T, const T*, int, cudaStream_t);                  \
+  template void power_step<T>(const T*, T*, int, double*, cudaStream_t);                       \
+  template void upper_triangle<T>(const T*, int, int, T*, cudaStream_t);                        \
   template void column_norms<T>(const T*, int, int, int, std::vector<double>&,                  \
                                 std::vector<double>&, cudaStream_t);                            \
   template bool has_nonfinite<T>(const T*, int, int, int, cudaStream_t);                        \

@@ -32,6 +32,20 @@ void scale(const T* src, T* dst, T s, size_t n, cudaStream_t stream);
 template <class T>
 void lincomb(T* out, T b, const T* g, T c, const T* g2, size_t n, cudaStream_t stream);
 
+// h = a I + b g + c g2 for n x n column-major matrices (h may alias g2): one polar step's
+// polynomial, X <- X h (or h X), with the a X term folded into the diagonal.
+template <class T>
+void poly_h(T* h, T a, T b, const T* g, T c, const T* g2, int n, cudaStream_t stream);
+
+// One power-iteration step on the device: given w = G v, writes *rq = (v . w) / (v . v)
+// (0 when v or w is zero) and v = w / ||w|| (one block; n up to a few 10^4).
+template <class T>
+void power_step(const T* w, T* v, int n, double* rq, cudaStream_t stream);
+
+// r (n x n) = the upper triangle of the first n rows of a (lda), zeros below the diagonal.
+template <class T>
+void upper_triangle(const T* a, int lda, int n, T* r, cudaStream_t stream);
+
 // Copy the lower triangle of the n x n column-major g onto its upper triangle.
 template <class T>
 void symmetrize_lower(T* g, int n, cudaStream_t stream);
