@@ -5,7 +5,10 @@ Task arithmetic on the LLM-shaped set of bench_memory.py (Llama layout, bf16, hi
 `isofast merge` (child process, output on the same disk, fsync'ed as always) next to the time
 of `cat <every input file> > /dev/null`, measured in the same run, alternating, each twice.
 Task arithmetic does almost no arithmetic, so the ratio shows the overhead of the pipeline
-(reading, converting, writing) over the bare cost of reading the inputs.
+(reading, converting, writing) over the bare cost of reading the inputs. Each round also
+times a durable write (write + fsync) of as many bytes as the output, in the same folder:
+`cat` pays nothing for publishing a result, the merge must, and on a slow disk that write
+alone can exceed the read of a warm page cache.
 
     python bench/bench_io.py                       # full LLM set
     python bench/bench_io.py --layers 4 --tasks 2  # quick
@@ -49,6 +52,25 @@ def time_cat(files: Sequence[Path]) -> tuple[float, float]:
     with open("/dev/null", "wb") as null:
         subprocess.run(["cat", *map(str, files)], stdout=null, check=True)
     return time.perf_counter() - t0, _children_cpu() - cpu
+
+
+def time_durable_write(folder: Path, nbytes: int, block: int = 64 * MiB) -> float:
+    """Wall seconds to write `nbytes` to a new file in `folder` and fsync it: the floor for
+    publishing an output of that size durably (what `isofast merge` must do, and `cat` not)."""
+    path = folder / ".bench-io-write-probe"
+    buf = memoryview(bytearray(block))
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, buf[: min(block, left)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
 
 
 def time_merge(
@@ -99,14 +121,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     time_cat(files)
     time_cat(files)
     load0 = os.getloadavg()
+    out_bytes = sum(p.stat().st_size for p in input_files([base]))  # same dtypes as the base
     cats: list[tuple[float, float]] = []
     merges: list[tuple[float, float]] = []
+    writes: list[float] = []
     for i in range(args.repeats):
         cats.append(time_cat(files))
         merges.append(time_merge(base, models, out, args.method, args.threads))
+        writes.append(time_durable_write(root, out_bytes))
         print(
             f"  round {i + 1}: cat {cats[-1][0]:.2f} s (cpu {cats[-1][1]:.2f}), "
-            f"merge {merges[-1][0]:.2f} s (cpu {merges[-1][1]:.2f})",
+            f"merge {merges[-1][0]:.2f} s (cpu {merges[-1][1]:.2f}), "
+            f"durable write of {out_bytes / 2**30:.2f} GiB {writes[-1]:.2f} s",
             file=sys.stderr,
         )
     load1 = os.getloadavg()
@@ -114,17 +140,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     best_cat, best_merge = min(c[0] for c in cats), min(m[0] for m in merges)
     med_cat = statistics.median(c[0] for c in cats)
     med_merge = statistics.median(m[0] for m in merges)
+    med_write = statistics.median(writes)
 
     def runs(xs: Sequence[tuple[float, float]]) -> str:
         return ", ".join(f"{w:.2f} (cpu {c:.2f})" for w, c in xs)
 
     print(
         "| set | inputs (GiB) | method | cat runs, s | merge runs, s | best cat (GiB/s) | "
-        "best merge (GiB/s of input) | merge / cat (median wall) | merge / cat (best wall) |\n"
-        "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: |\n"
+        "best merge (GiB/s of input) | merge / cat (median wall) | merge / cat (best wall) | "
+        "durable write of the output, s | merge / (cat + durable write) (median) |\n"
+        "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |\n"
         f"| {cs.label}, {args.layers} layers, base + {args.tasks} | {gib:.2f} | {args.method} | "
         f"{runs(cats)} | {runs(merges)} | {gib / best_cat:.2f} | {gib / best_merge:.2f} | "
-        f"{med_merge / med_cat:.2f} | {best_merge / best_cat:.2f} |\n\n"
+        f"{med_merge / med_cat:.2f} | {best_merge / best_cat:.2f} | "
+        f"{', '.join(f'{w:.2f}' for w in writes)} | {med_merge / (med_cat + med_write):.2f} |\n\n"
         f"{os.cpu_count()} CPUs; load average {load0[0]:.1f} before, {load1[0]:.1f} after; "
         f"merge threads: {args.threads or 'all'}"
     )

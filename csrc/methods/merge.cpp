@@ -144,8 +144,45 @@ void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T
   return tsv_m(be, p, opt.rank_tol, m);
 }
 
+// Weight averaging and task arithmetic (no DARE drop): the update is a plain sum, so it is
+// formed chunk by chunk in cache instead of through T materialised task vectors, whose fresh
+// pages and memory traffic made such merges 20x slower than reading their inputs. Same
+// operations in the same order as the general path, so the result is bitwise the same.
+template <class T>
+void merge_linear_streamed(const MergeOptions& opt, const MergeItem& item) {
+  const size_t n = static_cast<size_t>(item.base.numel()), tasks = item.finetuned.size();
+  const T scale = opt.kernel == "mean" ? T(1) / T(tasks) : T(1);
+  const T alpha = static_cast<T>(opt.alpha);
+  const size_t out_size = dtype_size(item.out.dtype);
+  std::vector<std::atomic<bool>> bad(tasks + 1);
+  const size_t chunks = (n + kChunk - 1) / kChunk;
+  parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
+    std::vector<T> base(kChunk), ft(kChunk), acc(kChunk);
+    for (size_t c = cb; c < ce; ++c) {
+      const size_t b = c * kChunk, len = std::min(kChunk, n - b);
+      if (!load_as(element_ptr(item.base, b), item.base.dtype, len, base.data())) bad[0] = true;
+      std::fill(acc.begin(), acc.begin() + len, T(0));
+      for (size_t t = 0; t < tasks; ++t) {
+        if (!load_as(element_ptr(item.finetuned[t], b), item.finetuned[t].dtype, len, ft.data()))
+          bad[t + 1] = true;
+        for (size_t i = 0; i < len; ++i) acc[i] += ft[i] - base[i];
+      }
+      for (size_t i = 0; i < len; ++i) acc[i] = base[i] + alpha * (acc[i] * scale);
+      store_as(acc.data(), len, static_cast<char*>(item.out.data) + b * out_size, item.out.dtype);
+    }
+  });
+  for (size_t m = 0; m <= tasks; ++m)
+    ISOFAST_CHECK(!bad[m], "tensor '", item.name, "' of ", model_label(m), " holds NaN or Inf");
+  if (opt.release_inputs) {
+    release_pages(item.base);
+    for (const TensorView& ft : item.finetuned) release_pages(ft);
+  }
+}
+
 template <class T>
 void merge_item_as(const MergeOptions& opt, const MergeItem& item) {
+  if ((opt.kernel == "mean" || opt.kernel == "sum") && opt.drop_rate <= 0)
+    return merge_linear_streamed<T>(opt, item);
   TaskVectors<T> tv = load_task_vectors<T>(opt, item);
   std::vector<T> m(tv.n);
   merged_update(opt, item, tv, m.data());

@@ -133,6 +133,11 @@ class _Shard:
     def write(self, name: str, dtype: str, shape: tuple[int, ...], data: memoryview) -> None:
         begin = self.data_bytes
         _write_all(self.fd, data)
+        # Start the write-back of these bytes now (Linux: DONTNEED on dirty pages queues them
+        # for writing without waiting), so the disk works while later tensors are merged and
+        # the final fsync has little left; a durable 1.9 GB output otherwise cost 4 s there.
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, self.data_start + begin, len(data), os.POSIX_FADV_DONTNEED)
         self.data_bytes += len(data)
         self.entries.append(_Entry(name, dtype, shape, begin, self.data_bytes))
 
