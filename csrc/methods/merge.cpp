@@ -144,16 +144,14 @@ void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T
   return tsv_m(be, p, opt.rank_tol, m);
 }
 
-// Weight averaging and task arithmetic (no DARE drop): the update is a plain sum, so it is
-// formed chunk by chunk in cache instead of through T materialised task vectors, whose fresh
-// pages and memory traffic made such merges 20x slower than reading their inputs. Same
-// operations in the same order as the general path, so the result is bitwise the same.
-template <class T>
-void merge_linear_streamed(const MergeOptions& opt, const MergeItem& item) {
+// Visits the task sum S = sum_t (ft_t - base) chunk by chunk, in cache: fn(b, len, base, S)
+// gets both chunks in the compute type (S writable). No task vector is materialised: for the
+// methods that need only the sum, T fresh task vectors (their page faults and memory traffic)
+// made merges 20x slower than reading their inputs. The additions happen in the same order as
+// sum_of() over materialised task vectors, so results are bitwise those of the general path.
+template <class T, class Fn>
+void for_each_sum_chunk(const MergeOptions& opt, const MergeItem& item, Fn&& fn) {
   const size_t n = static_cast<size_t>(item.base.numel()), tasks = item.finetuned.size();
-  const T scale = opt.kernel == "mean" ? T(1) / T(tasks) : T(1);
-  const T alpha = static_cast<T>(opt.alpha);
-  const size_t out_size = dtype_size(item.out.dtype);
   std::vector<std::atomic<bool>> bad(tasks + 1);
   const size_t chunks = (n + kChunk - 1) / kChunk;
   parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
@@ -167,40 +165,75 @@ void merge_linear_streamed(const MergeOptions& opt, const MergeItem& item) {
           bad[t + 1] = true;
         for (size_t i = 0; i < len; ++i) acc[i] += ft[i] - base[i];
       }
-      for (size_t i = 0; i < len; ++i) acc[i] = base[i] + alpha * (acc[i] * scale);
-      store_as(acc.data(), len, static_cast<char*>(item.out.data) + b * out_size, item.out.dtype);
+      fn(b, len, base.data(), acc.data());
     }
   });
   for (size_t m = 0; m <= tasks; ++m)
     ISOFAST_CHECK(!bad[m], "tensor '", item.name, "' of ", model_label(m), " holds NaN or Inf");
-  if (opt.release_inputs) {
-    release_pages(item.base);
+  if (opt.release_inputs)
     for (const TensorView& ft : item.finetuned) release_pages(ft);
-  }
+}
+
+// out = base + alpha * m, converted to the output dtype.
+template <class T>
+void write_output(const MergeOptions& opt, const MergeItem& item, T* m) {
+  const size_t n = static_cast<size_t>(item.base.numel());
+  const T alpha = static_cast<T>(opt.alpha);
+  const size_t chunks = (n + kChunk - 1) / kChunk;
+  const size_t out_size = dtype_size(item.out.dtype);
+  parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
+    std::vector<T> base(kChunk);
+    for (size_t c = cb; c < ce; ++c) {
+      const size_t b = c * kChunk, len = std::min(kChunk, n - b);
+      load_as(element_ptr(item.base, b), item.base.dtype, len, base.data());
+      for (size_t i = 0; i < len; ++i) m[b + i] = base[i] + alpha * m[b + i];
+      store_as(m + b, len, static_cast<char*>(item.out.data) + b * out_size, item.out.dtype);
+    }
+  });
+  if (opt.release_inputs) release_pages(item.base);
+}
+
+// Weight averaging / task arithmetic without DARE: one pass, the output formed in cache too.
+template <class T>
+void merge_linear_streamed(const MergeOptions& opt, const MergeItem& item) {
+  const T scale = opt.kernel == "mean" ? T(1) / T(item.finetuned.size()) : T(1);
+  const T alpha = static_cast<T>(opt.alpha);
+  const size_t out_size = dtype_size(item.out.dtype);
+  for_each_sum_chunk<T>(opt, item, [&](size_t b, size_t len, const T* base, T* acc) {
+    for (size_t i = 0; i < len; ++i) acc[i] = base[i] + alpha * (acc[i] * scale);
+    store_as(acc, len, static_cast<char*>(item.out.data) + b * out_size, item.out.dtype);
+  });
+  if (opt.release_inputs) release_pages(item.base);
+}
+
+// Iso-C needs only the task sum: merge it as a one-task problem on the streamed sum.
+template <class T>
+void merge_iso_c_streamed(const MergeOptions& opt, const MergeItem& item) {
+  TaskVectors<T> tv;
+  tv.n = static_cast<size_t>(item.base.numel());
+  tv.deltas.assign(1, std::vector<T>(tv.n));
+  T* sum = tv.deltas[0].data();
+  for_each_sum_chunk<T>(opt, item, [&](size_t b, size_t len, const T*, T* acc) {
+    std::copy(acc, acc + len, sum + b);
+  });
+  tv.ptrs.assign(1, sum);
+  std::vector<T> m(tv.n);
+  merged_update(opt, item, tv, m.data());
+  tv.deltas.clear();
+  write_output(opt, item, m.data());
 }
 
 template <class T>
 void merge_item_as(const MergeOptions& opt, const MergeItem& item) {
-  if ((opt.kernel == "mean" || opt.kernel == "sum") && opt.drop_rate <= 0)
-    return merge_linear_streamed<T>(opt, item);
+  if (opt.drop_rate <= 0) {
+    if (opt.kernel == "mean" || opt.kernel == "sum") return merge_linear_streamed<T>(opt, item);
+    if (opt.kernel == "iso_c" && item.matrix) return merge_iso_c_streamed<T>(opt, item);
+  }
   TaskVectors<T> tv = load_task_vectors<T>(opt, item);
   std::vector<T> m(tv.n);
   merged_update(opt, item, tv, m.data());
-  const T alpha = static_cast<T>(opt.alpha);
-  const size_t chunks = (tv.n + kChunk - 1) / kChunk;
-  const size_t out_size = dtype_size(item.out.dtype);
   tv.deltas.clear();  // free the task vectors before the output pass
-  parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
-    std::vector<T> base(kChunk);
-    for (size_t c = cb; c < ce; ++c) {
-      const size_t b = c * kChunk, len = std::min(kChunk, tv.n - b);
-      load_as(element_ptr(item.base, b), item.base.dtype, len, base.data());
-      for (size_t i = 0; i < len; ++i) m[b + i] = base[i] + alpha * m[b + i];
-      store_as(m.data() + b, len, static_cast<char*>(item.out.data) + b * out_size,
-               item.out.dtype);
-    }
-  });
-  if (opt.release_inputs) release_pages(item.base);
+  write_output(opt, item, m.data());
 }
 
 }  // namespace
