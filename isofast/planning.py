@@ -11,8 +11,9 @@ from isofast.methods import get_method
 from isofast.pipeline import MergeRequest, OpenModels
 
 _OUT_SIZE = {"float32": 4, "float64": 8, "float16": 2, "bfloat16": 2}
-# Interpreter, numpy/torch, thread stacks and the core's small buffers.
-FIXED_OVERHEAD_BYTES = 300 * 2**20
+# Interpreter, numpy/torch, thread stacks, the core's small buffers and the pages of memory-
+# mapped inputs in flight (bench/bench_memory.py measured up to 170 MiB of those).
+FIXED_OVERHEAD_BYTES = 400 * 2**20
 
 
 @dataclass(frozen=True)
