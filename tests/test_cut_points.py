@@ -20,6 +20,7 @@ test_methods.py (test_rank_deficient_matches_range_restricted_reference).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -27,8 +28,8 @@ import pytest
 import isofast
 from isofast._native import core
 
-from conftest import GRID, THREADS, Fresh, base_values, convert
-from test_methods import ALPHA, check_against_reference
+from conftest import GRID, THREADS, Fresh, base_values, convert, rel_update_error, to_numpy
+from test_methods import ALPHA, check_against_reference, reference_merge
 
 pytestmark = pytest.mark.usefixtures("single_thread_blas")
 
@@ -110,3 +111,47 @@ def test_cut_points_match_reference(
     base, fts = convert(base64, "numpy", compute), [convert(f, "numpy", compute) for f in fts64]
     got = isofast.merge(base, fts, method, ALPHA, compute_dtype=compute, threads=THREADS)
     check_against_reference(got, base64, fts64, method, {}, seed=0, compute=compute, fresh=fresh)
+
+
+def shared_input_tasks(rng: np.random.Generator, shape: tuple[int, int], tasks: int) -> list[Any]:
+    """Task matrices that share their input-side basis V0 and a steep spectral roll-off (as
+    real layers do, bench/shapes.py): with T = 20 on a tall key, the Iso-CTS concatenation
+    [V_k, v_1 .. v_T] has cond 1e4..1e5, so the polar must take its ill-conditioned route."""
+    m, n = shape
+    r = min(shape)
+    x = np.arange(r) / r
+    roll_off = (1 + 16 * x) ** -0.5 * 10.0 ** (-3 * np.maximum(0, (x - 0.9) / 0.1))
+    u0, v0 = orthonormal(rng, m, r), orthonormal(rng, n, r)
+    out = []
+    for _ in range(tasks):
+        left = u0 + 0.5 * rng.standard_normal((m, r)) / np.sqrt(m)
+        core_t = rng.standard_normal((r, r)) / np.sqrt(r)
+        out.append(1e-2 * (left @ core_t * roll_off) @ v0.T)
+    return out
+
+
+def test_iso_cts_ill_conditioned_concatenation_in_float32(fresh: Fresh) -> None:
+    """Regression: a float32 SVD of such a concatenation lost ~cond * eps32 (7e-2 on ViT-B/32
+    qkv keys at T = 20); the float64 fallback keeps the float32 merge within 1e-4. At this
+    size the old float32 fallback failed 5 runs of 5 (errors 5e-4..1.4e-3)."""
+    shape, tasks = (768, 256), 20
+    rng = fresh.rng
+    base64 = {NAME: base_values(rng, shape)}
+    deltas = [np.round(d / GRID) * GRID for d in shared_input_tasks(rng, shape, tasks)]
+    fts64 = [{NAME: base64[NAME] + d} for d in deltas]
+
+    # The input really is ill-conditioned where it matters (float64, as the reference does it).
+    k, s = (int(v) for v in core.iso_cts_sizes(min(shape), tasks, 0.8))
+    u, _, vt = np.linalg.svd(sum(deltas), full_matrices=False)
+    right = [vt[:k].T]
+    for d in deltas:
+        residual = d - u[:, :k] @ (u[:, :k].T @ d)
+        right.append(np.linalg.svd(residual, full_matrices=False)[2][:s].T)
+    sv = np.linalg.svd(np.hstack(right), compute_uv=False)
+    assert sv[0] / sv[-1] > 1e3, f"cond(V_cat) = {sv[0] / sv[-1]:.1e} ({fresh})"
+
+    base, fts = convert(base64, "numpy", "float32"), [convert(f, "numpy", "float32") for f in fts64]
+    got = isofast.merge(base, fts, "iso_cts", ALPHA, compute_dtype="float32", threads=THREADS)
+    want = reference_merge(base64, fts64, "iso_cts", {}, seed=0, compute="float32")
+    err = rel_update_error(to_numpy(got[NAME]), want[NAME], base64[NAME])
+    assert err <= 1e-4, f"relative error {err:.1e} ({fresh})"
