@@ -17,9 +17,11 @@
 #include "linalg/spectral.hpp"
 #include "methods/matrix_methods.hpp"
 #include "methods/merge.hpp"
+#include "py_dlpack.hpp"
 
 namespace py = pybind11;
 using namespace isofast;
+using isofast::pyglue::Keepalive;
 
 void register_polar_bindings(py::module_& m);  // csrc/polar_bindings.cpp
 
@@ -63,12 +65,6 @@ DType dtype_from_name(const std::string& name, const std::string& what) {
   throw ValueError(concat(what, ": unknown dtype override '", name, "'"));
 }
 
-// Views of Python arrays stay valid while the objects that own their memory are alive; the
-// capsules (and the producers they reference) are kept here for the duration of one call.
-struct Keepalive {
-  std::vector<py::object> objects;
-};
-
 TensorView view_of_dl(const IsoDLTensor& t, bool readonly, const std::string& what) {
   ISOFAST_CHECK(t.device.device_type == kIsoDLCPU || t.device.device_type == kIsoDLCUDAHost,
                 what, ": the CPU core got an array on device type ", t.device.device_type,
@@ -78,14 +74,7 @@ TensorView view_of_dl(const IsoDLTensor& t, bool readonly, const std::string& wh
   v.shape.assign(t.shape, t.shape + t.ndim);
   v.readonly = readonly;
   v.data = static_cast<char*>(t.data) + t.byte_offset;
-  if (t.strides != nullptr && v.numel() > 0) {  // strides of an empty array mean nothing
-    int64_t expected = 1;
-    for (int d = t.ndim - 1; d >= 0; --d) {
-      ISOFAST_CHECK(t.shape[d] == 1 || t.strides[d] == expected, what,
-                    ": array is not contiguous (row-major); call .contiguous() first");
-      expected *= t.shape[d];
-    }
-  }
+  pyglue::check_row_major(t, what, "array");
   return v;
 }
 
@@ -104,28 +93,8 @@ TensorView view_of(py::handle obj, const std::string& what, Keepalive& keep) {
   ISOFAST_CHECK(py::hasattr(obj, "__dlpack__"), what,
                 ": expected a torch tensor or numpy array (an object with __dlpack__), got ",
                 std::string(py::str(py::type::of(obj).attr("__name__"))));
-  py::object capsule;
-  try {
-    capsule = obj.attr("__dlpack__")(py::arg("max_version") = py::make_tuple(1, 0));
-  } catch (py::error_already_set& e) {
-    if (!e.matches(PyExc_TypeError) && !e.matches(PyExc_BufferError)) throw;
-    capsule = obj.attr("__dlpack__")();
-  }
-  keep.objects.push_back(capsule);
-  keep.objects.push_back(py::reinterpret_borrow<py::object>(obj));
-  PyObject* cap = capsule.ptr();
-  if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
-    auto* m = static_cast<IsoDLManagedTensorVersioned*>(
-        PyCapsule_GetPointer(cap, "dltensor_versioned"));
-    ISOFAST_CHECK(m->version.major == 1, what, ": unsupported DLPack major version ",
-                  m->version.major);
-    return view_of_dl(m->dl_tensor, (m->flags & kIsoDLFlagReadOnly) != 0, what);
-  }
-  if (PyCapsule_IsValid(cap, "dltensor")) {
-    auto* m = static_cast<IsoDLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
-    return view_of_dl(m->dl_tensor, false, what);
-  }
-  throw ValueError(concat(what, ": __dlpack__ did not return a DLPack capsule"));
+  const pyglue::DLView dl = pyglue::dlpack_tensor(obj, py::dict(), what, keep);
+  return view_of_dl(*dl.tensor, dl.readonly, what);
 }
 
 MergeOptions options_from(const std::string& kernel, double alpha, const py::dict& params) {
@@ -254,26 +223,12 @@ std::uintptr_t data_ptr(py::handle a) {
   return reinterpret_cast<std::uintptr_t>(view_of(a, "array", keep).data);
 }
 
-py::object error_class(const char* name) {
-  return py::module_::import("isofast.errors").attr(name);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "isofast compiled core (CPU backend: OpenBLAS/LAPACK)";
 
-  py::register_local_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const LinAlgError& e) {
-      PyErr_SetString(error_class("LinAlgError").ptr(), e.what());
-    } catch (const ValueError& e) {
-      PyErr_SetString(error_class("MergeInputError").ptr(), e.what());
-    } catch (const Error& e) {
-      PyErr_SetString(error_class("IsofastError").ptr(), e.what());
-    }
-  });
+  pyglue::register_error_translator();
 
   m.def("merge_items", &merge_items, py::arg("kernel"), py::arg("items"), py::arg("alpha"),
         py::arg("params"),

@@ -13,12 +13,14 @@
 
 #include "../core/dlpack.h"
 #include "../core/error.hpp"
+#include "../py_dlpack.hpp"
 #include "cuda_backend.cuh"
 #include "cuda_check.cuh"
 #include "iso_c_cuda.cuh"
 
 namespace py = pybind11;
 using namespace isofast;
+using isofast::pyglue::Keepalive;
 
 namespace {
 
@@ -32,10 +34,6 @@ DType dtype_from_dl(const IsoDLDataType& t, const std::string& what) {
                                 "tensors (DLPack code ",
                           int(t.code), ", ", int(t.bits), " bits)"));
 }
-
-struct Keepalive {
-  std::vector<py::object> objects;
-};
 
 struct Viewed {
   DeviceTensor tensor;
@@ -52,16 +50,7 @@ Viewed view_of_dl(const IsoDLTensor& t, bool readonly, bool writable, const std:
   v.tensor.dtype = dtype_from_dl(t.dtype, what);
   v.tensor.shape.assign(t.shape, t.shape + t.ndim);
   v.tensor.data = static_cast<char*>(t.data) + t.byte_offset;
-  int64_t numel = 1;
-  for (auto s : v.tensor.shape) numel *= s;
-  if (t.strides != nullptr && numel > 0) {
-    int64_t expected = 1;
-    for (int d = t.ndim - 1; d >= 0; --d) {
-      ISOFAST_CHECK(t.shape[d] == 1 || t.strides[d] == expected, what,
-                    ": tensor is not contiguous (row-major); call .contiguous() first");
-      expected *= t.shape[d];
-    }
-  }
+  pyglue::check_row_major(t, what, "tensor");
   return v;
 }
 
@@ -84,28 +73,10 @@ Viewed view_of(py::handle obj, const std::string& what, bool writable, std::uint
                   ": the CUDA backend needs a tensor on a CUDA device, got DLPack device type ",
                   type, " (move it with .cuda() or use the CPU backend)");
   }
-  py::object capsule;
-  try {
-    capsule = obj.attr("__dlpack__")(py::arg("stream") = dlpack_stream_arg(stream),
-                                     py::arg("max_version") = py::make_tuple(1, 0));
-  } catch (py::error_already_set& e) {
-    if (!e.matches(PyExc_TypeError) && !e.matches(PyExc_BufferError)) throw;
-    capsule = obj.attr("__dlpack__")(py::arg("stream") = dlpack_stream_arg(stream));
-  }
-  keep.objects.push_back(capsule);
-  keep.objects.push_back(py::reinterpret_borrow<py::object>(obj));
-  PyObject* cap = capsule.ptr();
-  if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
-    auto* m = static_cast<IsoDLManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
-    ISOFAST_CHECK(m->version.major == 1, what, ": unsupported DLPack major version ",
-                  m->version.major);
-    return view_of_dl(m->dl_tensor, (m->flags & kIsoDLFlagReadOnly) != 0, writable, what);
-  }
-  if (PyCapsule_IsValid(cap, "dltensor")) {
-    auto* m = static_cast<IsoDLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
-    return view_of_dl(m->dl_tensor, false, writable, what);
-  }
-  throw ValueError(concat(what, ": __dlpack__ did not return a DLPack capsule"));
+  py::dict kwargs;
+  kwargs["stream"] = dlpack_stream_arg(stream);
+  const pyglue::DLView dl = pyglue::dlpack_tensor(obj, kwargs, what, keep);
+  return view_of_dl(*dl.tensor, dl.readonly, writable, what);
 }
 
 // Current device switched for the duration of a call, restored afterwards.
@@ -201,26 +172,12 @@ void synchronize_py() {
   ISOFAST_CUDA_CHECK(cudaDeviceSynchronize());
 }
 
-py::object error_class(const char* name) {
-  return py::module_::import("isofast.errors").attr(name);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "isofast CUDA backend (cuBLAS / cuSOLVER): GPU Iso-C by a certified polar iteration";
 
-  py::register_local_exception_translator([](std::exception_ptr p) {
-    try {
-      if (p) std::rethrow_exception(p);
-    } catch (const LinAlgError& e) {
-      PyErr_SetString(error_class("LinAlgError").ptr(), e.what());
-    } catch (const ValueError& e) {
-      PyErr_SetString(error_class("MergeInputError").ptr(), e.what());
-    } catch (const Error& e) {
-      PyErr_SetString(error_class("IsofastError").ptr(), e.what());
-    }
-  });
+  pyglue::register_error_translator();
 
   m.def("available", &cuda_available, "True when a CUDA device is usable.");
   m.def("release", &release_cuda_contexts,

@@ -18,14 +18,12 @@
 #include <vector>
 
 #include "../core/dtype.hpp"
+#include "../core/tensor_view.hpp"
 
 namespace isofast {
 
-struct DeviceTensor {
-  void* data = nullptr;
-  DType dtype = DType::F32;
-  std::vector<int64_t> shape;
-};
+// The CPU core's view type, holding device pointers here.
+using DeviceTensor = TensorView;
 
 struct IsoCCudaOptions {
   double alpha = 1.0;
