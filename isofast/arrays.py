@@ -72,6 +72,11 @@ def empty_like(x: Any, dtype: str) -> Any:
     return np.empty(shape_of(x), dtype=dtype)
 
 
+def itemsize(dtype: str) -> int:
+    """Bytes per element of a dtype name ('bfloat16' included)."""
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+
+
 def copy_of(x: Any) -> Any:
     if is_torch(x):
         return x.detach().clone()

@@ -25,9 +25,13 @@ from isofast.merge_plan import (
 )
 from isofast.methods import get_method
 from isofast.model_card import merge_config_yaml, model_card
+from isofast.output_ring import OutputRing, RingToken
 from isofast.ties_global import CoreItem, global_ties_options
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes read for it)
+
+# Merged arrays of one batch, and the tokens that give their memory back to the ring.
+Outputs = tuple[list[Any], list[RingToken]]
 
 # Extra bytes small matrices merged side by side may take beyond the one-at-a-time peak.
 BATCH_ALLOWANCE = 256 * 2**20
@@ -199,26 +203,41 @@ def _stream(
             for p in batches[i][0]:
                 models.prefetch(p.name)
 
-    def run(i: int) -> list[Any]:
+    # Two batches' outputs are alive at once (one written, one merged), plus what a wrap of
+    # the ring wastes: three of the largest batch's outputs always fit.
+    ring = OutputRing(3 * max((_out_bytes(models, b) for b, _ in batches), default=0))
+
+    def run(i: int) -> Outputs:
         batch, width = batches[i]
         prefetch(i + 1)
         if batch[0].copy:
-            return [models.view(0, batch[0].name)]
-        outs = [arrays.empty_like(models.view(0, p.name), p.out_dtype) for p in batch]
+            return [models.view(0, batch[0].name)], []
+        placed = [ring.empty(models.shapes[p.name], p.out_dtype) for p in batch]
+        outs = [out for out, _ in placed]
         items = [_core_item(models, p, o) for p, o in zip(batch, outs, strict=True)]
         core.merge_items(kernel, items, alpha, {**options, "item_threads": width})
-        return outs
+        return outs, [token for _, token in placed]
 
     if not batches:
         return
     prefetch(0)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="isofast-merge") as pool:
-        pending: Future[list[Any]] = pool.submit(run, 0)
+        pending: Future[Outputs] = pool.submit(run, 0)
+        written: list[RingToken] = []
         for i, (batch, _) in enumerate(batches):
-            outs = pending.result()
+            outs, tokens = pending.result()
+            for token in written:  # the writer has copied the previous batch out
+                ring.release(token)
+            written = tokens
             if i + 1 < len(batches):
                 pending = pool.submit(run, i + 1)
             for plan, out in zip(batch, outs, strict=True):
                 if progress is not None:
                     progress(plan.name, models.nbytes[plan.name])
                 yield plan.name, out, plan.out_dtype
+
+
+def _out_bytes(models: OpenModels, batch: Sequence[TensorPlan]) -> int:
+    if batch[0].copy:
+        return 0
+    return sum(_numel(models.shapes[p.name]) * arrays.itemsize(p.out_dtype) for p in batch)

@@ -314,20 +314,64 @@ def test_abort_cleans_up(tmp_path: Path) -> None:
         w.finalize()
 
 
-def test_failed_write_is_never_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import isofast.io.writer as writer_mod
+def _disk_full(*args: object) -> None:
+    raise OSError(errno.ENOSPC, "No space left on device")
 
-    def disk_full(fd: int, data: memoryview) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
+
+def test_failed_write_is_never_published(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import isofast.io.appender as appender_mod
 
     out = tmp_path / "merged"
     with pytest.raises(RuntimeError, match="earlier write failed"), CheckpointWriter(out) as w:
         w.add("a", np.ones(2, np.float32))
-        monkeypatch.setattr(writer_mod, "_write_all", disk_full)
+        monkeypatch.setattr(appender_mod.DirectAppender, "append", _disk_full)
+        monkeypatch.setattr(appender_mod.BufferedAppender, "append", _disk_full)
         with pytest.raises(OSError, match="No space"):
             w.add("b", np.ones(2, np.float32))
         # the caller swallows the error and carries on
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_failed_background_write_is_never_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: str
+) -> None:
+    """A write that fails after add() returned (direct I/O writes in the background) still
+    stops the publication, and the error reaches the caller."""
+    import isofast.io.appender as appender_mod
+
+    monkeypatch.setenv("ISOFAST_DIRECT_IO", direct)
+    monkeypatch.setattr(appender_mod.os, "pwrite", _disk_full)
+    out = tmp_path / "merged"
+    with pytest.raises(OSError, match="No space"), CheckpointWriter(out) as w:
+        w.add("a", np.ones(3 << 20, np.float32))  # more than one 8 MiB staging block
+        w.add("b", np.ones(5, np.float32))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_direct_and_buffered_files_are_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direct: str
+) -> None:
+    """Both appenders give byte-identical files, for tensors that straddle staging blocks and
+    end off any alignment; the file ends exactly at the last tensor."""
+    rng = np.random.default_rng(5)
+    tensors = {
+        "big": rng.standard_normal((3 << 20) + 3).astype(np.float32),  # 12 MiB + 12 bytes
+        "odd": rng.integers(0, 255, 4097, dtype=np.uint8),
+        "tiny": np.arange(3, dtype=np.float64),
+    }
+    monkeypatch.setenv("ISOFAST_DIRECT_IO", direct)
+    _write(tmp_path / "out", tensors)
+    monkeypatch.setenv("ISOFAST_DIRECT_IO", "0" if direct == "1" else "1")
+    _write(tmp_path / "other", tensors)
+    a = (tmp_path / "out" / SINGLE_NAME).read_bytes()
+    assert a == (tmp_path / "other" / SINGLE_NAME).read_bytes()
+    from safetensors.numpy import load_file
+
+    loaded = load_file(str(tmp_path / "out" / SINGLE_NAME))
+    for name, t in tensors.items():
+        np.testing.assert_array_equal(loaded[name], t)
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path: Path) -> None:

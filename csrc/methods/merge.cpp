@@ -10,6 +10,7 @@
 #include "../core/error.hpp"
 #include "../core/parallel.hpp"
 #include "../linalg/backend.hpp"
+#include "chunk_kernels.hpp"
 #include "elementwise.hpp"
 #include "matrix_methods.hpp"
 
@@ -155,15 +156,16 @@ void for_each_sum_chunk(const MergeOptions& opt, const MergeItem& item, Fn&& fn)
   std::vector<std::atomic<bool>> bad(tasks + 1);
   const size_t chunks = (n + kChunk - 1) / kChunk;
   parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
-    std::vector<T> base(kChunk), ft(kChunk), acc(kChunk);
+    std::vector<T> base(kChunk), scratch(kChunk), acc(kChunk);
     for (size_t c = cb; c < ce; ++c) {
       const size_t b = c * kChunk, len = std::min(kChunk, n - b);
-      if (!load_as(element_ptr(item.base, b), item.base.dtype, len, base.data())) bad[0] = true;
+      if (!load_chunk(element_ptr(item.base, b), item.base.dtype, len, base.data())) bad[0] = true;
       std::fill(acc.begin(), acc.begin() + len, T(0));
       for (size_t t = 0; t < tasks; ++t) {
-        if (!load_as(element_ptr(item.finetuned[t], b), item.finetuned[t].dtype, len, ft.data()))
+        const TensorView& ft = item.finetuned[t];
+        if (!add_delta_chunk(element_ptr(ft, b), ft.dtype, len, base.data(), acc.data(),
+                             scratch.data()))
           bad[t + 1] = true;
-        for (size_t i = 0; i < len; ++i) acc[i] += ft[i] - base[i];
       }
       fn(b, len, base.data(), acc.data());
     }
@@ -200,8 +202,8 @@ void merge_linear_streamed(const MergeOptions& opt, const MergeItem& item) {
   const T alpha = static_cast<T>(opt.alpha);
   const size_t out_size = dtype_size(item.out.dtype);
   for_each_sum_chunk<T>(opt, item, [&](size_t b, size_t len, const T* base, T* acc) {
-    for (size_t i = 0; i < len; ++i) acc[i] = base[i] + alpha * (acc[i] * scale);
-    store_as(acc, len, static_cast<char*>(item.out.data) + b * out_size, item.out.dtype);
+    store_linear_chunk(base, alpha, scale, acc, len,
+                       static_cast<char*>(item.out.data) + b * out_size, item.out.dtype);
   });
   if (opt.release_inputs) release_pages(item.base);
 }
