@@ -78,10 +78,26 @@ TensorView view_of_dl(const IsoDLTensor& t, bool readonly, const std::string& wh
   return v;
 }
 
+// ("file", fd, offset, dtype_name, shape): a tensor the core reads from an open file itself.
+TensorView file_view(const py::tuple& tup, const std::string& what) {
+  ISOFAST_CHECK(tup.size() == 5, what, ": expected (\"file\", fd, offset, dtype_name, shape)");
+  TensorView v;
+  v.fd = tup[1].cast<int>();
+  v.file_offset = tup[2].cast<int64_t>();
+  ISOFAST_CHECK(v.fd >= 0 && v.file_offset >= 0, what, ": bad file descriptor or offset");
+  v.dtype = dtype_from_name(tup[3].cast<std::string>(), what);
+  v.shape = tup[4].cast<std::vector<int64_t>>();
+  for (int64_t s : v.shape) ISOFAST_CHECK(s >= 0, what, ": negative dimension");
+  v.readonly = true;
+  return v;
+}
+
 TensorView view_of(py::handle obj, const std::string& what, Keepalive& keep) {
   // (array, "bfloat16"): reinterpret 16-bit integers (numpy has no bfloat16).
   if (py::isinstance<py::tuple>(obj)) {
     auto tup = obj.cast<py::tuple>();
+    if (tup.size() > 0 && py::isinstance<py::str>(tup[0]) && tup[0].cast<std::string>() == "file")
+      return file_view(tup, what);
     ISOFAST_CHECK(tup.size() == 2, what, ": expected (array, dtype_name)");
     TensorView v = view_of(tup[0], what, keep);
     const DType to = dtype_from_name(tup[1].cast<std::string>(), what);
@@ -146,6 +162,7 @@ std::vector<MergeItem> items_from(const py::list& items, Keepalive& keep) {
       it.out.dtype = is_float(it.base.dtype) ? it.base.dtype : DType::F32;
     } else {
       it.out = view_of(tup[3], concat("output tensor '", it.name, "'"), keep);
+      ISOFAST_CHECK(it.out.fd < 0, "output tensor '", it.name, "' must be an array, not a file");
     }
     it.matrix = tup[4].cast<bool>();
     validate_item(it);

@@ -64,7 +64,16 @@ class OpenModels:
             if not os.path.exists(p):
                 raise MergeInputError(f"model path does not exist: {p}")
         self.labels = [f"base model {request.base}"] + [f"model {p}" for p in request.models]
-        self.readers = [CheckpointReader(p, allow_pickle=request.allow_pickle) for p in paths]
+        self.readers: list[CheckpointReader] = []
+        try:
+            for p in paths:
+                self.readers.append(CheckpointReader(p, allow_pickle=request.allow_pickle))
+            self._check()
+        except BaseException:
+            self.close()  # the readers hold open files
+            raise
+
+    def _check(self) -> None:
         infos = [r.infos() for r in self.readers]
         self.names = list(self.readers[0].names())
         self.shapes = {n: tuple(infos[0][n].shape) for n in self.names}
@@ -95,6 +104,16 @@ class OpenModels:
         arr = self.readers[model].get(name)
         return arrays.Bf16Array(arr) if self.dtypes[name] == "bfloat16" else arr
 
+    def core_input(self, model: int, name: str) -> Any:
+        """What the core reads tensor `name` of `model` from: for safetensors, the open file
+        itself (the core reads it in cache-sized chunks, which costs about what `cat` does;
+        touching a mapping of it cost page faults and as much again); else the array."""
+        source = self.readers[model].source(name)
+        if source is None:
+            return arrays.core_arg(self.view(model, name))
+        fd, offset = source
+        return ("file", fd, offset, self.dtypes[name], self.shapes[name])
+
     def prefetch(self, name: str) -> None:
         for r in self.readers:
             r.prefetch([name])
@@ -107,8 +126,8 @@ class OpenModels:
 def _core_item(models: OpenModels, plan: TensorPlan, out: Any) -> CoreItem:
     return (
         plan.name,
-        arrays.core_arg(models.view(0, plan.name)),
-        [arrays.core_arg(models.view(i, plan.name)) for i in range(1, len(models.readers))],
+        models.core_input(0, plan.name),
+        [models.core_input(i, plan.name) for i in range(1, len(models.readers))],
         None if out is None else arrays.core_arg(out),
         plan.matrix,
     )
@@ -203,9 +222,9 @@ def _stream(
             for p in batches[i][0]:
                 models.prefetch(p.name)
 
-    # Two batches' outputs are alive at once (one written, one merged), plus what a wrap of
-    # the ring wastes: three of the largest batch's outputs always fit.
-    ring = OutputRing(3 * max((_out_bytes(models, b) for b, _ in batches), default=0))
+    # Two batches' outputs are alive at once (one written, one merged). Room for two of the
+    # largest: when a wrap wastes the end of the ring, an output gets an array of its own.
+    ring = OutputRing(2 * max((_out_bytes(models, b) for b, _ in batches), default=0))
 
     def run(i: int) -> Outputs:
         batch, width = batches[i]

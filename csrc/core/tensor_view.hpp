@@ -14,6 +14,11 @@ struct TensorView {
   DType dtype = DType::F32;
   std::vector<int64_t> shape;
   bool readonly = false;
+  // An input still in its file (fd >= 0, `data` unused): the core reads it chunk by chunk with
+  // pread into small buffers that stay in cache. Reading a warm page cache that way costs what
+  // `cat` does; mapping it costs page faults per 64 KiB and page-table teardown.
+  int fd = -1;
+  int64_t file_offset = 0;
 
   int64_t numel() const {
     int64_t n = 1;

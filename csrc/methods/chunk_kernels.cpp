@@ -18,21 +18,24 @@ namespace {
 #endif
 #define ISOFAST_INLINE inline __attribute__((always_inline))
 
-// Visits n bf16 inputs a cache line at a time, prefetching 8 KiB ahead: the hardware
+// Visits n bf16 inputs in blocks of 2 KiB, prefetching the block 8 KiB ahead: the hardware
 // prefetcher stops at every 4 KiB page of a memory-mapped file, and without this the
 // streaming merges ran at half the speed of reading their inputs (measured 3.9 vs 5.6 GiB/s
-// on one core). fn(i, value) per element; returns false if any input is NaN or +-inf.
+// on one core). Blocks keep the vectorised inner loop long (one per cache line was not).
+// fn(i, value) per element; returns false if any input is NaN or +-inf.
 template <class Fn>
 ISOFAST_INLINE bool for_each_bf16(const uint16_t* p, size_t n, Fn&& fn) {
   uint32_t hit = 0;
-  constexpr size_t kLine = 32, kAhead = 4096;  // elements
-  for (size_t b = 0; b < n; b += kLine) {
-    __builtin_prefetch(p + b + kAhead);
-    const size_t e = b + kLine < n ? b + kLine : n;
+  constexpr size_t kBlock = 1024, kLine = 32, kAhead = 4096;  // elements
+  for (size_t b = 0; b < n; b += kBlock) {
+    for (size_t l = 0; l < kBlock; l += kLine) __builtin_prefetch(p + b + kAhead + l);
+    const size_t e = b + kBlock < n ? b + kBlock : n;
+    uint32_t block_hit = 0;
     for (size_t i = b; i < e; ++i) {
-      hit |= static_cast<uint32_t>((p[i] & 0x7f80u) == 0x7f80u);  // exponent all ones
+      block_hit |= static_cast<uint32_t>((p[i] & 0x7f80u) == 0x7f80u);  // exponent all ones
       fn(i, bf16_to_float(p[i]));
     }
+    hit |= block_hit;
   }
   return hit == 0;
 }

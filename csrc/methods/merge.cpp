@@ -2,7 +2,9 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <cmath>
+#include <cstring>
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -37,12 +39,39 @@ const char* element_ptr(const TensorView& v, size_t index) {
   return static_cast<const char*>(v.data) + index * dtype_size(v.dtype);
 }
 
+const TensorView& input_of(const MergeItem& item, size_t model) {
+  return model == 0 ? item.base : item.finetuned[model - 1];
+}
+
+// The bytes of elements [first, first + count) of input `model` (0: the base): a pointer into
+// memory, or for a tensor still in its file, the bytes read into `buf`.
+const void* input_chunk(const MergeItem& item, size_t model, size_t first, size_t count,
+                        std::vector<char>& buf) {
+  const TensorView& v = input_of(item, model);
+  if (v.fd < 0) return element_ptr(v, first);
+  const size_t size = dtype_size(v.dtype);
+  buf.resize(count * size);
+  size_t done = 0;
+  while (done < buf.size()) {
+    const off_t at = static_cast<off_t>(v.file_offset + static_cast<int64_t>(first * size + done));
+    const ssize_t got = pread(v.fd, buf.data() + done, buf.size() - done, at);
+    if (got < 0 && errno == EINTR) continue;
+    ISOFAST_CHECK(got >= 0, "tensor '", item.name, "' of ", model_label(model),
+                  ": read failed: ", std::strerror(errno));
+    ISOFAST_CHECK(got > 0, "tensor '", item.name, "' of ", model_label(model),
+                  ": the file ended before the tensor did (was it changed during the merge?)");
+    done += static_cast<size_t>(got);
+  }
+  return buf.data();
+}
+
 // Drop the resident pages of a read-only file mapping (they stay in the page cache), so the
 // process's RSS holds converted task vectors only. Never used on anonymous memory, where
 // MADV_DONTNEED would zero the data: the caller opts in for memory-mapped files only.
 // Rounded out to whole pages: a dropped page of a read-only file mapping that a neighbouring
 // chunk or tensor still reads is simply faulted in again from the page cache.
 void release_range(const TensorView& v, size_t first_elem, size_t count) {
+  if (v.fd >= 0) return;  // read from its file: nothing mapped
   const auto page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   const auto begin = reinterpret_cast<uintptr_t>(element_ptr(v, first_elem));
   const uintptr_t first = begin / page * page;
@@ -64,12 +93,14 @@ TaskVectors<T> load_task_vectors(const MergeOptions& opt, const MergeItem& item)
   const size_t chunks = (tv.n + kChunk - 1) / kChunk;
   parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
     std::vector<T> base(kChunk);
+    std::vector<char> raw;
     for (size_t c = cb; c < ce; ++c) {
       const size_t b = c * kChunk, len = std::min(kChunk, tv.n - b);
-      if (!load_as(element_ptr(item.base, b), item.base.dtype, len, base.data())) bad[0] = true;
+      if (!load_chunk(input_chunk(item, 0, b, len, raw), item.base.dtype, len, base.data()))
+        bad[0] = true;
       for (size_t t = 0; t < tasks; ++t) {
         T* d = tv.deltas[t].data() + b;
-        if (!load_as(element_ptr(item.finetuned[t], b), item.finetuned[t].dtype, len, d))
+        if (!load_chunk(input_chunk(item, t + 1, b, len, raw), item.finetuned[t].dtype, len, d))
           bad[t + 1] = true;
         for (size_t i = 0; i < len; ++i) d[i] -= base[i];
         // Drop each converted chunk's file pages at once: with T inputs mapped, keeping them
@@ -157,14 +188,15 @@ void for_each_sum_chunk(const MergeOptions& opt, const MergeItem& item, Fn&& fn)
   const size_t chunks = (n + kChunk - 1) / kChunk;
   parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
     std::vector<T> base(kChunk), scratch(kChunk), acc(kChunk);
+    std::vector<char> raw;
     for (size_t c = cb; c < ce; ++c) {
       const size_t b = c * kChunk, len = std::min(kChunk, n - b);
-      if (!load_chunk(element_ptr(item.base, b), item.base.dtype, len, base.data())) bad[0] = true;
+      if (!load_chunk(input_chunk(item, 0, b, len, raw), item.base.dtype, len, base.data()))
+        bad[0] = true;
       std::fill(acc.begin(), acc.begin() + len, T(0));
       for (size_t t = 0; t < tasks; ++t) {
-        const TensorView& ft = item.finetuned[t];
-        if (!add_delta_chunk(element_ptr(ft, b), ft.dtype, len, base.data(), acc.data(),
-                             scratch.data()))
+        if (!add_delta_chunk(input_chunk(item, t + 1, b, len, raw), item.finetuned[t].dtype, len,
+                             base.data(), acc.data(), scratch.data()))
           bad[t + 1] = true;
       }
       fn(b, len, base.data(), acc.data());
@@ -185,9 +217,10 @@ void write_output(const MergeOptions& opt, const MergeItem& item, T* m) {
   const size_t out_size = dtype_size(item.out.dtype);
   parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
     std::vector<T> base(kChunk);
+    std::vector<char> raw;
     for (size_t c = cb; c < ce; ++c) {
       const size_t b = c * kChunk, len = std::min(kChunk, n - b);
-      load_as(element_ptr(item.base, b), item.base.dtype, len, base.data());
+      load_chunk(input_chunk(item, 0, b, len, raw), item.base.dtype, len, base.data());
       for (size_t i = 0; i < len; ++i) m[b + i] = base[i] + alpha * m[b + i];
       store_as(m + b, len, static_cast<char*>(item.out.data) + b * out_size, item.out.dtype);
     }
@@ -275,8 +308,9 @@ void merge_batch(const MergeOptions& opt, const std::vector<MergeItem>& items) {
   if (side_by_side <= 1) {
     for (const MergeItem& it : items) {
       // Small matrices: waking BLAS threads costs more than it saves (and spinning threads
-      // stall badly on a busy machine).
-      set_blas_threads(it.base.numel() >= kBlasThreadsFrom ? opt.threads : 1);
+      // stall badly on a busy machine). Elementwise work never calls BLAS: leave its
+      // threads asleep (each wake-up spins a core for a while).
+      if (it.matrix) set_blas_threads(it.base.numel() >= kBlasThreadsFrom ? opt.threads : 1);
       merge_item(opt, it);
     }
     return;

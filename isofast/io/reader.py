@@ -236,6 +236,12 @@ class CheckpointReader:
         """A read-only numpy view of a tensor (zero-copy for safetensors)."""
         return self._file_of(name).get(name)
 
+    def source(self, name: str) -> tuple[int, int] | None:
+        """(file descriptor, byte offset) of a safetensors tensor's data, for readers that
+        read the file themselves; None for torch files. Valid until `close()`."""
+        f = self._file_of(name)
+        return f.source(name) if isinstance(f, SafetensorsFile) else None
+
     def prefetch(self, names: Iterable[str]) -> None:
         """Hint the OS to start reading these tensors (no-op for torch files)."""
         by_file: dict[int, tuple[_TensorFile, list[str]]] = {}

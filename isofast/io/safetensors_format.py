@@ -128,17 +128,22 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         try:
-            f = open(self.path, "rb")  # noqa: SIM115 - closed below, mapping outlives it
+            f = open(self.path, "rb")  # noqa: SIM115 - kept open until close()
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot open: {e.strerror or e}") from e
-        with f:
+        try:
             size = os.fstat(f.fileno()).st_size
             self._infos, self.metadata, self.data_start = self._read_header(f, size)
             # Map once, from the same open file the header came from, so that header and
-            # data cannot come from two different versions of the file.
+            # data cannot come from two different versions of the file. The file stays open
+            # for `source` (the core reads from it directly) for the same reason.
             self._mm: mmap.mmap | None = (
                 mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
             )
+        except BaseException:
+            f.close()
+            raise
+        self._file: Any = f
         self.size = size
 
     def _read_header(self, f: Any, size: int) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
@@ -236,6 +241,13 @@ class SafetensorsFile:
         view = np.frombuffer(self._mm, dtype=dtype, count=info.numel, offset=info.offset or 0)
         return view.reshape(info.shape)
 
+    def source(self, name: str) -> tuple[int, int]:
+        """(file descriptor, byte offset) of the tensor's data, valid until `close()`."""
+        info = self.info(name)
+        if self._file.closed:
+            raise CheckpointError(f"{self.path}: file is closed; cannot read {name!r}")
+        return self._file.fileno(), info.offset or 0
+
     def prefetch(self, names: Iterable[str]) -> None:
         """Ask the kernel to start reading these tensors' pages (a hint; returns at once)."""
         mm = self._mm
@@ -253,6 +265,7 @@ class SafetensorsFile:
 
     def close(self) -> None:
         """Drop the mapping. Views handed out earlier stay valid (they keep it alive)."""
+        self._file.close()
         mm, self._mm = self._mm, None
         if mm is not None:
             # Views still exported keep the mapping alive; it goes when the last one does.
