@@ -16,7 +16,7 @@ import numpy as np
 
 from isofast import arrays
 
-_ALIGN = 64  # bytes: keeps every dtype's elements aligned, and cache lines unshared
+PAGE = 4096  # slots start page-aligned, then shift to the page phase asked for
 _NUMPY_STORAGE = {"bfloat16": np.uint16}
 
 
@@ -31,25 +31,34 @@ class OutputRing:
     """First-in first-out allocator of output arrays over `capacity` bytes."""
 
     def __init__(self, capacity: int) -> None:
-        self._buffer = np.empty(max(0, capacity), np.uint8)
+        self._buffer = np.empty(max(0, capacity) + PAGE, np.uint8)  # room to page-align
+        self._address = int(self._buffer.ctypes.data)
         self._live: deque[tuple[int, int]] = deque()  # (begin, end), oldest first
         self._head = 0
         self._lock = threading.Lock()
 
-    def empty(self, shape: tuple[int, ...], dtype: str) -> tuple[Any, RingToken]:
-        """An uninitialised array (Bf16Array for bfloat16) and the token that releases it
-        (None: the array is not from the ring and needs no release)."""
+    def empty(
+        self, shape: tuple[int, ...], dtype: str, page_phase: int = 0
+    ) -> tuple[Any, RingToken]:
+        """An uninitialised array (Bf16Array for bfloat16) whose first byte lies `page_phase`
+        bytes into a memory page, and the token that releases it (None: the array is not from
+        the ring and needs no release)."""
         storage = np.dtype(_NUMPY_STORAGE.get(dtype, dtype))
         count = 1
         for s in shape:
             count *= int(s)
         nbytes = count * storage.itemsize
         with self._lock:
-            token = self._place(_round_up(max(nbytes, 1), _ALIGN))
+            token = self._place(_round_up(max(nbytes, 1) + PAGE, PAGE))
         if token is None:
             raw = np.empty(shape, storage)
         else:
-            raw = self._buffer[token[0] : token[0] + nbytes].view(storage).reshape(shape)
+            # Slots start page-aligned in memory; shift to the phase (itemsize divides it
+            # whenever it matters: the writer only asks for phases of its own file layout).
+            shift = page_phase % PAGE
+            shift -= shift % storage.itemsize
+            begin = token[0] + (-self._address % PAGE) + shift
+            raw = self._buffer[begin : begin + nbytes].view(storage).reshape(shape)
         return (arrays.Bf16Array(raw) if dtype == "bfloat16" else raw), token
 
     def release(self, token: RingToken) -> None:
@@ -62,7 +71,7 @@ class OutputRing:
             self._live.popleft()
 
     def _place(self, size: int) -> RingToken:
-        capacity = len(self._buffer)
+        capacity = len(self._buffer) - PAGE
         if not self._live:
             self._head = 0
         oldest = self._live[0][0] if self._live else capacity

@@ -25,7 +25,7 @@ from isofast.merge_plan import (
 )
 from isofast.methods import get_method
 from isofast.model_card import merge_config_yaml, model_card
-from isofast.output_ring import OutputRing, RingToken
+from isofast.output_ring import PAGE, OutputRing, RingToken
 from isofast.ties_global import CoreItem, global_ties_options
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes read for it)
@@ -96,6 +96,7 @@ class OpenModels:
             self.labels[1:],
         )
         self.nbytes = {n: sum(info[n].nbytes for info in infos) for n in self.names}
+        self.base_nbytes = {n: infos[0][n].nbytes for n in self.names}
 
     def all_safetensors(self) -> bool:
         return all(f.suffix == ".safetensors" for r in self.readers for f in r.files)
@@ -165,10 +166,15 @@ def merge_checkpoints(
                 options,
             )
         metadata = {"isofast_method": spec.name, "isofast_alpha": repr(alpha)}
+        batches = plan_batches(models, plans, options)
         with CheckpointWriter(
             out_dir, request.max_shard_bytes, metadata, overwrite=overwrite
         ) as writer:
-            for name, out, dtype in _stream(models, plans, spec.kernel, alpha, options, progress):
+            order = [p for batch, _ in batches for p in batch]
+            phases = writer.page_phases(_stored_bytes(models, p) for p in order)
+            page_phase = {p.name: phase for p, phase in zip(order, phases, strict=True)}
+            stream = _stream(models, batches, spec.kernel, alpha, options, progress, page_phase)
+            for name, out, dtype in stream:
                 writer.add(name, arrays.storage_bits(out), arrays.NAME_TO_SAFETENSORS[dtype])
             base_dir = Path(request.base)
             writer.copy_side_files(base_dir if base_dir.is_dir() else base_dir.parent)
@@ -194,21 +200,14 @@ def memory_budget(models: OpenModels, tasks: int, compute_bytes: int) -> int:
     return (tasks + 4) * largest * compute_bytes + BATCH_ALLOWANCE
 
 
-def _stream(
-    models: OpenModels,
-    plans: Sequence[TensorPlan],
-    kernel: str,
-    alpha: float,
-    options: dict[str, Any],
-    progress: Progress | None,
-) -> Iterator[tuple[str, Any, str]]:
-    """Merged tensors, batch by batch. Batch k+1 is merged on a worker thread (the core releases
-    the GIL) while the caller writes batch k; each merge first asks the kernel to read ahead
-    the pages of the batch after it."""
+def plan_batches(
+    models: OpenModels, plans: Sequence[TensorPlan], options: Mapping[str, Any]
+) -> list[tuple[list[TensorPlan], int]]:
+    """Work items in merge (and write) order: copied tensors first, then the float ones."""
     tasks = len(models.readers) - 1
     compute_bytes = 8 if options["compute64"] else 4
     float_plans = [p for p in plans if not p.copy]
-    batches = [([p], 1) for p in plans if p.copy] + make_batches(
+    return [([p], 1) for p in plans if p.copy] + make_batches(
         float_plans,
         models.shapes,
         tasks,
@@ -216,6 +215,28 @@ def _stream(
         options["threads"],
         memory_budget(models, tasks, compute_bytes),
     )
+
+
+def _stored_bytes(models: OpenModels, plan: TensorPlan) -> int:
+    """Bytes the writer gets for this tensor."""
+    if plan.copy:
+        return models.base_nbytes[plan.name]
+    return _numel(models.shapes[plan.name]) * arrays.itemsize(plan.out_dtype)
+
+
+def _stream(
+    models: OpenModels,
+    batches: Sequence[tuple[list[TensorPlan], int]],
+    kernel: str,
+    alpha: float,
+    options: dict[str, Any],
+    progress: Progress | None,
+    page_phase: Mapping[str, int],
+) -> Iterator[tuple[str, Any, str]]:
+    """Merged tensors, batch by batch. Batch k+1 is merged on a worker thread (the core releases
+    the GIL) while the caller writes batch k; each merge first asks the kernel to read ahead
+    the pages of the batch after it. Outputs start at `page_phase[name]` within a page of
+    memory (the writer then sends them to disk without copying them)."""
 
     def prefetch(i: int) -> None:
         if i < len(batches):
@@ -231,7 +252,7 @@ def _stream(
         prefetch(i + 1)
         if batch[0].copy:
             return [models.view(0, batch[0].name)], []
-        placed = [ring.empty(models.shapes[p.name], p.out_dtype) for p in batch]
+        placed = [ring.empty(models.shapes[p.name], p.out_dtype, page_phase[p.name]) for p in batch]
         outs = [out for out, _ in placed]
         items = [_core_item(models, p, o) for p, o in zip(batch, outs, strict=True)]
         core.merge_items(kernel, items, alpha, {**options, "item_threads": width})
@@ -245,7 +266,7 @@ def _stream(
         written: list[RingToken] = []
         for i, (batch, _) in enumerate(batches):
             outs, tokens = pending.result()
-            for token in written:  # the writer has copied the previous batch out
+            for token in written:  # the writer is done with the previous batch
                 ring.release(token)
             written = tokens
             if i + 1 < len(batches):
@@ -257,6 +278,7 @@ def _stream(
 
 
 def _out_bytes(models: OpenModels, batch: Sequence[TensorPlan]) -> int:
+    """Ring bytes a batch's outputs take, page-phase padding included."""
     if batch[0].copy:
         return 0
-    return sum(_numel(models.shapes[p.name]) * arrays.itemsize(p.out_dtype) for p in batch)
+    return sum(_stored_bytes(models, p) + PAGE for p in batch)

@@ -691,3 +691,34 @@ def test_torch_garbage_file(tmp_path: Path, torch: Any) -> None:
     with pytest.raises(CheckpointError, match=r"torch\.load failed") as e:
         CheckpointReader(f)
     assert str(f) in str(e.value)
+
+
+def test_data_at_the_file_page_phase_is_written_as_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tensors placed in memory at the page phase `page_phases` predicts take the writer's
+    zero-copy route (with direct I/O); the file is the same as the buffered writer's, across
+    a shard break too."""
+    from isofast.output_ring import OutputRing
+
+    rng = np.random.default_rng(11)
+    sizes = [5, (1 << 20) + 6, 3 << 19, 7, (1 << 21) + 2]  # bytes; a shard break before the last
+    data = [rng.integers(0, 255, n, dtype=np.uint8) for n in sizes]
+    files = []
+    for direct in ("1", "0"):
+        monkeypatch.setenv("ISOFAST_DIRECT_IO", direct)
+        out = tmp_path / f"direct{direct}"
+        ring = OutputRing(sum(sizes) + 16 * 4096)
+        with CheckpointWriter(out, max_shard_bytes=3 << 20) as w:
+            phases = w.page_phases(sizes)
+            for i, (d, phase) in enumerate(zip(data, phases, strict=True)):
+                arr, _ = ring.empty(d.shape, "uint8", phase)
+                arr[:] = d
+                w.add(f"t{i}", arr)
+        shards = sorted(p for p in out.iterdir() if p.suffix == ".safetensors")
+        assert len(shards) == 2
+        files.append([p.read_bytes() for p in shards])
+        with CheckpointReader(out) as r:
+            for i, d in enumerate(data):
+                np.testing.assert_array_equal(r.get(f"t{i}"), d)
+    assert files[0] == files[1]

@@ -5,6 +5,9 @@ the page cache only costs: the kernel copies every byte into freshly allocated c
 (on a VM each new page may also fault in the hypervisor), then writes them back. With
 `O_DIRECT` the disk reads the bytes straight from a few reused, page-aligned staging
 buffers, and a background thread keeps the disk busy while the caller fills the next one.
+Data that lies in memory at the same offset within a page as it goes in the file (the
+merge pipeline allocates its outputs so: `CheckpointWriter.page_phases`) is written from
+where it is, without even that copy.
 
 Where `O_DIRECT` is missing or refused (tmpfs, some network file systems, macOS) the
 buffered appender writes through the page cache and starts write-back per call, so the
@@ -24,12 +27,19 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
+import numpy as np
+
 __all__ = ["ALIGN", "Appender", "BufferedAppender", "DirectAppender", "open_appender"]
 
 ALIGN = 4096  # offset, length and address alignment that O_DIRECT asks of us
 _STAGING_BLOCK = 8 << 20
 _STAGING_DEPTH = 3
 _DIRECT_ENV = "ISOFAST_DIRECT_IO"  # "0" turns direct I/O off (e.g. to compare both paths)
+_ZERO_COPY_FROM = 256 << 10  # bytes: below this, staging a copy costs less than a syscall
+
+
+def _address(data: memoryview) -> int:
+    return int(np.frombuffer(data, np.uint8).ctypes.data)
 
 
 class Appender(Protocol):
@@ -101,6 +111,22 @@ class DirectAppender:
 
     def append(self, data: memoryview) -> None:
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
+        position = self._offset + self._fill  # file offset of data[0]
+        if len(data) >= _ZERO_COPY_FROM and (_address(data) - position) % ALIGN == 0:
+            # The data sits in memory at the same page phase as in the file: copy only the
+            # head up to the next page boundary, write the aligned middle straight from the
+            # caller's memory, then stage the tail.
+            head = -position % ALIGN
+            self._copy_in(data[:head])
+            if self._fill:
+                self._submit(self._fill)
+            middle = (len(data) - head) // ALIGN * ALIGN
+            self._write_from(data[head : head + middle], self._offset)
+            self._offset += middle
+            data = data[head + middle :]
+        self._copy_in(data)
+
+    def _copy_in(self, data: memoryview) -> None:
         while data:
             n = min(len(data), self.block - self._fill)
             self._views[self._current][self._fill : self._fill + n] = data[:n]
@@ -138,7 +164,10 @@ class DirectAppender:
             waiting.result()
 
     def _write(self, index: int, length: int, offset: int) -> None:
-        data = self._views[index][:length]
+        self._write_from(self._views[index][:length], offset)
+
+    def _write_from(self, data: memoryview, offset: int) -> None:
+        """Write aligned `data` at aligned `offset`, directly while the file system lets us."""
         while data and self._use_direct:
             try:
                 n = os.pwrite(self.direct_fd, data, offset)

@@ -319,6 +319,22 @@ class CheckpointWriter:
         self._names.add(name)
         self._total += raw.nbytes
 
+    def page_phases(self, sizes: Iterable[int]) -> list[int]:
+        """Where in a page (file offset % 4096) each of the next tensors will start, if
+        tensors of these byte sizes are added next, in this order. Data handed to `add` at
+        the same phase in memory is written without being copied (with direct I/O)."""
+        data_bytes = self._current.data_bytes if self._current is not None else 0
+        has_entries = self._current is not None and bool(self._current.entries)
+        data_start = 8 + self._reserve  # later shards start page-aligned as well
+        phases = []
+        for size in sizes:
+            if has_entries and data_bytes + size > self.max_shard_bytes:
+                data_bytes, has_entries = 0, False  # the shard-break rule of `add`
+            phases.append((data_start + data_bytes) % _PAGE)
+            data_bytes += size
+            has_entries = True
+        return phases
+
     def _open_shard(self) -> None:
         path = self.tmp_dir / f"shard-{len(self._done) + 1:05d}.partial"
         self._current = _Shard(path, self._reserve)
