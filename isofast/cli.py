@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -219,8 +220,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"merge": cmd_merge, "plan": cmd_plan, "methods": cmd_methods, "demo": cmd_demo}
 
 
+def _allow_many_open_files() -> None:
+    """The merge keeps every input shard open (the core reads them itself): 8 models of 30
+    shards is 240 files, near the usual soft limit of 1024 once Python's own are counted.
+    Raise the soft limit to the hard one, as a program (not the library) may."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, 1 << 16) if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _allow_many_open_files()
     try:
         return COMMANDS[args.command](args)
     except (IsofastError, CheckpointError, ValueError, FileExistsError) as exc:

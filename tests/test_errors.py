@@ -280,3 +280,45 @@ def test_svd_matches_numpy() -> None:
     assert u.shape == (9, 5) and s.shape == (5,) and vt.shape == (5, 5)
     np.testing.assert_allclose(s, np.linalg.svd(a, compute_uv=False), rtol=1e-12)
     np.testing.assert_allclose((u * s) @ vt, a, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "iso_c"])
+def test_input_file_that_ends_early_is_named(tmp_path: Path, method: str) -> None:
+    """The core reads on-disk inputs itself: a file cut short after its header was checked
+    (changed during the merge) fails with the tensor and model named, and NaN/inf found in
+    file data is reported as for arrays."""
+    from isofast.methods import get_method
+
+    kernel = get_method(method).kernel
+    data = np.arange(24, dtype=np.float32).reshape(6, 4)
+    path = tmp_path / "t.bin"
+    path.write_bytes(data.tobytes())
+    out = np.empty_like(data)
+    with open(path, "rb") as f:
+        ok = ("file", f.fileno(), 0, "float32", (6, 4))
+        short = ("file", f.fileno(), 64, "float32", (6, 4))  # 16 bytes past the end
+        core.merge_items(kernel, [("w", ok, [ok], out, method == "iso_c")], 1.0, {})
+        np.testing.assert_array_equal(out, data)  # the task vector is 0: out = base
+        with pytest.raises(
+            isofast.MergeInputError, match=r"'w' of fine-tuned model 0.*ended before"
+        ):
+            core.merge_items(kernel, [("w", ok, [short], out, False)], 1.0, {})
+    bad = data.copy()
+    bad[2, 1] = np.inf
+    path.write_bytes(bad.tobytes())
+    with open(path, "rb") as f:
+        src = ("file", f.fileno(), 0, "float32", (6, 4))
+        with pytest.raises(isofast.MergeInputError, match="'w' of the base model holds NaN or Inf"):
+            core.merge_items(kernel, [("w", src, [(data, "float32")], out, False)], 1.0, {})
+
+
+def test_output_cannot_be_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.bin"
+    path.write_bytes(bytes(16))
+    base = np.zeros(4, np.float32)
+    with (
+        open(path, "rb") as f,
+        pytest.raises(isofast.MergeInputError, match="must be an array"),
+    ):
+        out = ("file", f.fileno(), 0, "float32", (4,))
+        core.merge_items("sum", [("w", base, [base], out, False)], 1.0, {})

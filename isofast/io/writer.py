@@ -4,8 +4,10 @@ Everything is written inside a hidden temporary sibling of `out_dir`
 (`.{name}.isofast-tmp-<pid>-<random>`); only `finalize()` fsyncs it and renames it to
 `out_dir`, so an interrupted write never leaves a folder that looks finished.
 
-Each tensor's bytes go to the current shard file as soon as it is added; nothing is held
-back in memory. A shard file starts with a reserved header area (the JSON header may be
+Each tensor's bytes go to the current shard file as it is added (isofast.io.appender: direct
+I/O through a few small staging buffers where the file system allows it, and no copy at all
+for data placed at the page phase `page_phases` gives). A shard file starts with a reserved
+header area (the JSON header may be
 trailed by spaces, which the format allows): at shard close the header is written into it.
 When the header outgrows the reservation, the shard is rewritten once with the header in
 front (a kernel-side copy), and later shards reserve more.
