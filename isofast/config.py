@@ -25,6 +25,7 @@ _OWN_KEYS = {
     "threads",
     "out_shard_size",
     "allow_pickle",
+    "device",
 }
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -111,6 +112,7 @@ def from_isofast(data: Mapping[str, Any], path: Path) -> MergeRequest:
         threads=data.get("threads"),
         max_shard_bytes=parse_size(data.get("out_shard_size", 5 * 2**30)),
         allow_pickle=bool(data.get("allow_pickle", False)),
+        device=str(data.get("device", "cpu")),
     )
 
 

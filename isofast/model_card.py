@@ -27,6 +27,7 @@ def request_dict(request: MergeRequest) -> dict[str, Any]:
         "seed": request.seed,
         "threads": request.threads,
         "out_shard_size": request.max_shard_bytes,
+        "device": request.device,
     }
     return out
 

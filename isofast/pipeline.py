@@ -19,6 +19,7 @@ from isofast.io import CheckpointReader, CheckpointWriter
 from isofast.merge_plan import (
     TensorPlan,
     check_alpha,
+    check_device,
     check_models,
     core_options,
     plan_tensors,
@@ -53,6 +54,7 @@ class MergeRequest:
     threads: int | None = None
     max_shard_bytes: int = 5 * 2**30
     allow_pickle: bool = False
+    device: str = "cpu"
 
 
 class OpenModels:
@@ -146,10 +148,12 @@ def merge_checkpoints(
     spec = get_method(request.method)
     params = spec.make_params(dict(request.params or {}))
     alpha = check_alpha(request.alpha)
+    check_device(request.device)
     options = core_options(params, request.compute_dtype, request.seed, request.threads)
     models = OpenModels(request)
-    # Pages of memory-mapped safetensors can be dropped once converted (never torch pickles,
-    # which may live in anonymous memory).
+    # The core reads safetensors from their files (core_input); should any of their tensors
+    # reach it as mapped arrays, their pages may be dropped once converted. Never torch
+    # pickles' arrays, which may live in anonymous memory.
     options["release_inputs"] = models.all_safetensors()
     try:
         plans = plan_tensors(

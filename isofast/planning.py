@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from isofast.io import DTYPE_ITEMSIZE
-from isofast.merge_plan import TensorPlan, check_alpha, core_options, plan_tensors
+from isofast.merge_plan import TensorPlan, check_alpha, check_device, core_options, plan_tensors
 from isofast.methods import get_method
 from isofast.pipeline import MergeRequest, OpenModels
 
@@ -47,6 +47,7 @@ def make_plan(request: MergeRequest) -> MergePlan:
     spec = get_method(request.method)
     params = spec.make_params(dict(request.params or {}))
     check_alpha(request.alpha)
+    check_device(request.device)
     core_options(params, request.compute_dtype, request.seed, request.threads)
     models = OpenModels(request)
     try:

@@ -833,3 +833,24 @@ def test_mergekit_configs_isofast_cannot_express_fail_clearly(
     err = capsys.readouterr().err
     for part in expect:
         assert part in err, err
+
+
+def test_device_key_cpu_runs_and_cuda_is_refused_clearly(
+    inputs: dict[str, Inputs], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`device` is part of the config schema: cpu merges (and is written back into the
+    config beside the output); cuda fails before anything is read or created."""
+    from isofast.cli import main
+
+    base, models = inputs["float32"].single
+    flags = ["--base", str(base), *[a for m in models for a in ("--model", str(m))]]
+    out = tmp_path / "out"
+    assert main(["merge", str(out), *flags, "--method", "iso_c", "--device", "cpu", "-q"]) == 0
+    assert "device: cpu" in (out / "isofast_config.yml").read_text()
+    for device, want in [("cuda", "run on the CPU in this version"), ("tpu", "'cpu' or 'cuda'")]:
+        refused = tmp_path / f"refused-{device}"
+        assert main(["merge", str(refused), *flags, "--device", device, "-q"]) == 2
+        assert want in capsys.readouterr().err
+        assert not refused.exists()
+        assert main(["plan", *flags, "--device", device]) == 2
+        assert want in capsys.readouterr().err
