@@ -101,7 +101,11 @@ def _add_request_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--exclude", action="append", help="name substring kept out of matrix methods")
     g.add_argument("--seed", type=int, help="seed for DARE")
     g.add_argument("--threads", type=int, help="compute threads (default: all cores)")
-    g.add_argument("--device", help="where to merge: cpu (default; the only one so far)")
+    g.add_argument(
+        "--device",
+        help="cpu (default), or cuda / cuda:N: Iso-C's matrices on the GPU (needs the CUDA "
+        "build and PyTorch with CUDA)",
+    )
     g.add_argument("--out-shard-size", help="max output shard size, e.g. 5GB (default 5GiB)")
     g.add_argument(
         "--allow-pickle",

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from isofast import arrays
-from isofast.errors import BackendUnavailable, MergeInputError
+from isofast.errors import MergeInputError
 from isofast.methods import MethodSpec, Params
 
 COMPUTE_DTYPES = ("float32", "float64")
@@ -101,20 +101,6 @@ def core_options(
 
 def default_threads() -> int:
     return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
-
-
-def check_device(device: str) -> str:
-    """The device a merge of checkpoints on disk runs on: the CPU, for now."""
-    name = str(device).strip().lower()
-    if name == "cpu":
-        return name
-    if name in ("cuda", "gpu") or name.startswith("cuda:"):
-        raise BackendUnavailable(
-            f"device {device!r}: merges of checkpoints on disk run on the CPU in this version. "
-            "The CUDA backend (isofast._cuda: Iso-C of one key at a time, for CUDA tensors in "
-            "memory) is not wired into `isofast merge` yet; use device: cpu"
-        )
-    raise MergeInputError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
 def check_alpha(alpha: float) -> float:

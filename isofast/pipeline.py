@@ -14,12 +14,12 @@ from typing import Any
 from isofast import arrays
 from isofast._native import core
 from isofast.batching import make_batches
+from isofast.cuda_merge import CudaIsoC, gpu_for
 from isofast.errors import MergeInputError
 from isofast.io import CheckpointReader, CheckpointWriter
 from isofast.merge_plan import (
     TensorPlan,
     check_alpha,
-    check_device,
     check_models,
     core_options,
     plan_tensors,
@@ -121,6 +121,10 @@ class OpenModels:
         for r in self.readers:
             r.prefetch([name])
 
+    def release(self, name: str) -> None:
+        for r in self.readers:
+            r.release([name])
+
     def close(self) -> None:
         for r in self.readers:
             r.close()
@@ -148,7 +152,7 @@ def merge_checkpoints(
     spec = get_method(request.method)
     params = spec.make_params(dict(request.params or {}))
     alpha = check_alpha(request.alpha)
-    check_device(request.device)
+    gpu = gpu_for(request.device, spec.kernel, spec.name)
     options = core_options(params, request.compute_dtype, request.seed, request.threads)
     models = OpenModels(request)
     # The core reads safetensors from their files (core_input); should any of their tensors
@@ -177,7 +181,9 @@ def merge_checkpoints(
             order = [p for batch, _ in batches for p in batch]
             phases = writer.page_phases(_stored_bytes(models, p) for p in order)
             page_phase = {p.name: phase for p, phase in zip(order, phases, strict=True)}
-            stream = _stream(models, batches, spec.kernel, alpha, options, progress, page_phase)
+            stream = _stream(
+                models, batches, spec.kernel, alpha, options, progress, page_phase, gpu
+            )
             for name, out, dtype in stream:
                 writer.add(name, arrays.storage_bits(out), arrays.NAME_TO_SAFETENSORS[dtype])
             base_dir = Path(request.base)
@@ -236,6 +242,7 @@ def _stream(
     options: dict[str, Any],
     progress: Progress | None,
     page_phase: Mapping[str, int],
+    gpu: CudaIsoC | None = None,
 ) -> Iterator[tuple[str, Any, str]]:
     """Merged tensors, batch by batch. Batch k+1 is merged on a worker thread (the core releases
     the GIL) while the caller writes batch k; each merge first asks the kernel to read ahead
@@ -258,8 +265,16 @@ def _stream(
             return [models.view(0, batch[0].name)], []
         placed = [ring.empty(models.shapes[p.name], p.out_dtype, page_phase[p.name]) for p in batch]
         outs = [out for out, _ in placed]
-        items = [_core_item(models, p, o) for p, o in zip(batch, outs, strict=True)]
-        core.merge_items(kernel, items, alpha, {**options, "item_threads": width})
+        if gpu is not None and all(p.matrix for p in batch):
+            fts = range(1, len(models.readers))
+            for p, o in zip(batch, outs, strict=True):
+                base = models.view(0, p.name)
+                tuned = [models.view(t, p.name) for t in fts]
+                gpu.merge(base, tuned, o, alpha, options.get("rank_tol"))
+                models.release(p.name)  # read through the mapping: keep RSS flat
+        else:
+            items = [_core_item(models, p, o) for p, o in zip(batch, outs, strict=True)]
+            core.merge_items(kernel, items, alpha, {**options, "item_threads": width})
         return outs, [token for _, token in placed]
 
     if not batches:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from isofast.cuda_merge import gpu_for
 from isofast.io import DTYPE_ITEMSIZE
-from isofast.merge_plan import TensorPlan, check_alpha, check_device, core_options, plan_tensors
+from isofast.merge_plan import TensorPlan, check_alpha, core_options, plan_tensors
 from isofast.methods import get_method
 from isofast.pipeline import MergeRequest, OpenModels
 
@@ -47,7 +48,7 @@ def make_plan(request: MergeRequest) -> MergePlan:
     spec = get_method(request.method)
     params = spec.make_params(dict(request.params or {}))
     check_alpha(request.alpha)
-    check_device(request.device)
+    gpu_for(request.device, spec.kernel, spec.name)  # fails here, before reading data
     core_options(params, request.compute_dtype, request.seed, request.threads)
     models = OpenModels(request)
     try:

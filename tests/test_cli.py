@@ -835,11 +835,12 @@ def test_mergekit_configs_isofast_cannot_express_fail_clearly(
         assert part in err, err
 
 
-def test_device_key_cpu_runs_and_cuda_is_refused_clearly(
+def test_device_key_cpu_runs_and_cuda_is_checked_first(
     inputs: dict[str, Inputs], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """`device` is part of the config schema: cpu merges (and is written back into the
-    config beside the output); cuda fails before anything is read or created."""
+    """`device` is part of the config schema: cpu merges (and is written back into the config
+    beside the output); a GPU request that cannot run fails before anything is read or
+    created, saying why."""
     from isofast.cli import main
 
     base, models = inputs["float32"].single
@@ -847,10 +848,18 @@ def test_device_key_cpu_runs_and_cuda_is_refused_clearly(
     out = tmp_path / "out"
     assert main(["merge", str(out), *flags, "--method", "iso_c", "--device", "cpu", "-q"]) == 0
     assert "device: cpu" in (out / "isofast_config.yml").read_text()
-    for device, want in [("cuda", "run on the CPU in this version"), ("tpu", "'cpu' or 'cuda'")]:
-        refused = tmp_path / f"refused-{device}"
-        assert main(["merge", str(refused), *flags, "--device", device, "-q"]) == 2
+    refusals = [
+        (["--device", "tpu"], "'cpu', 'cuda' or 'cuda:N'"),
+        (["--device", "cuda", "--method", "ties"], "only iso_c runs on the GPU"),
+    ]
+    try:
+        from isofast import _cuda  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError:
+        refusals.append((["--device", "cuda:0", "--method", "iso_c"], "without its CUDA backend"))
+    for extra, want in refusals:
+        refused = tmp_path / "refused"
+        assert main(["merge", str(refused), *flags, *extra, "-q"]) == 2
         assert want in capsys.readouterr().err
         assert not refused.exists()
-        assert main(["plan", *flags, "--device", device]) == 2
+        assert main(["plan", *flags, *extra]) == 2
         assert want in capsys.readouterr().err

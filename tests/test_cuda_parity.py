@@ -191,3 +191,54 @@ def test_errors() -> None:
     bad[1, 1] = float("nan")
     with pytest.raises(isofast.MergeInputError, match="NaN or Inf"):
         _cuda.iso_c([bad], x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_merge_from_disk_on_the_gpu(tmp_path: Any, fresh: Fresh, dtype: str) -> None:
+    """`device: cuda` runs Iso-C's matrices on the GPU and everything else on the CPU: the
+    merged checkpoint matches the CPU merge (update within 1e-4; vectors bitwise)."""
+    from isofast.io import CheckpointReader, CheckpointWriter
+    from isofast.pipeline import MergeRequest, merge_checkpoints
+
+    rng = fresh.rng
+    shapes = {"a.weight": (64, 48), "b.weight": (96, 96), "c.weight": (40, 120), "a.bias": (64,)}
+
+    def save(folder: Any, tensors: dict[str, np.ndarray]) -> str:
+        with CheckpointWriter(folder) as w:
+            for name, x in tensors.items():
+                if dtype == "bfloat16":
+                    bits = torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy()
+                    w.add(name, bits.view(np.uint16), "BF16")
+                else:
+                    w.add(name, x)
+        return str(folder)
+
+    base = {n: rng.standard_normal(s).astype(np.float32) for n, s in shapes.items()}
+    paths = [save(tmp_path / "base", base)]
+    for t in range(3):
+        ft = {
+            n: x + 0.05 * rng.standard_normal(x.shape).astype(np.float32) for n, x in base.items()
+        }
+        paths.append(save(tmp_path / f"ft{t}", ft))
+    request = MergeRequest(
+        base=paths[0], models=tuple(paths[1:]), method="iso_c", out_dtype="float32"
+    )
+    merge_checkpoints(request, tmp_path / "cpu")
+    merge_checkpoints(replace_device(request, "cuda"), tmp_path / "gpu")
+    with CheckpointReader(tmp_path / "cpu") as cpu, CheckpointReader(tmp_path / "gpu") as gpu:
+        assert set(cpu.names()) == set(gpu.names()) == set(shapes)
+        for name in shapes:
+            want, got = cpu.get(name).astype(np.float64), gpu.get(name).astype(np.float64)
+            if len(shapes[name]) == 1:
+                np.testing.assert_array_equal(got, want)  # merged on the CPU in both runs
+                continue
+            b = base[name].astype(np.float64)
+            if dtype == "bfloat16":
+                b = torch.from_numpy(base[name]).to(torch.bfloat16).double().numpy()
+            assert rel(got - b, want - b) <= 1e-4, (name, fresh)
+
+
+def replace_device(request: Any, device: str) -> Any:
+    from dataclasses import replace
+
+    return replace(request, device=device)

@@ -244,12 +244,21 @@ class CheckpointReader:
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Hint the OS to start reading these tensors (no-op for torch files)."""
+        for f, group in self._by_file(names):
+            f.prefetch(group)
+
+    def release(self, names: Iterable[str]) -> None:
+        """Unmap these safetensors tensors' pages (they stay cached); views stay valid."""
+        for f, group in self._by_file(names):
+            if isinstance(f, SafetensorsFile):
+                f.release(group)
+
+    def _by_file(self, names: Iterable[str]) -> list[tuple[_TensorFile, list[str]]]:
         by_file: dict[int, tuple[_TensorFile, list[str]]] = {}
         for name in names:
             f = self._file_of(name)
             by_file.setdefault(id(f), (f, []))[1].append(name)
-        for f, group in by_file.values():
-            f.prefetch(group)
+        return list(by_file.values())
 
     def close(self) -> None:
         for f in self._files:

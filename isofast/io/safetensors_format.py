@@ -250,9 +250,17 @@ class SafetensorsFile:
 
     def prefetch(self, names: Iterable[str]) -> None:
         """Ask the kernel to start reading these tensors' pages (a hint; returns at once)."""
+        self._advise(names, "MADV_WILLNEED")
+
+    def release(self, names: Iterable[str]) -> None:
+        """Unmap these tensors' pages from this process (they stay in the page cache, and a
+        later read maps them again): a reader done with them keeps its RSS small."""
+        self._advise(names, "MADV_DONTNEED")
+
+    def _advise(self, names: Iterable[str], advice: str) -> None:
         mm = self._mm
         advise = getattr(mm, "madvise", None)
-        flag = getattr(mmap, "MADV_WILLNEED", None)
+        flag = getattr(mmap, advice, None)
         if mm is None or advise is None or flag is None:
             return
         page = mmap.PAGESIZE
