@@ -2,6 +2,7 @@
 // thrown by any block is rethrown on the calling thread.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstddef>
 #include <exception>
 #include <mutex>
@@ -34,6 +35,18 @@ void parallel_for(size_t n, int threads, Fn&& fn) {
   run(0);
   for (auto& t : pool) t.join();
   if (first_error) std::rethrow_exception(first_error);
+}
+
+// Runs worker(take) on up to `threads` threads; take() hands out 0, 1, ..., n - 1 once each,
+// then values >= n. Items go to whichever thread is free: with static halves, a thread that
+// another process (or the pipeline's own writer) slowed down held up the join with half the
+// work left.
+template <class Worker>
+void parallel_take(size_t n, int threads, Worker&& worker) {
+  std::atomic<size_t> next{0};
+  auto take = [&next] { return next.fetch_add(1, std::memory_order_relaxed); };
+  const size_t workers = std::max<size_t>(1, std::min<size_t>(static_cast<size_t>(threads), n));
+  parallel_for(workers, static_cast<int>(workers), [&](size_t, size_t) { worker(take); });
 }
 
 }  // namespace isofast

@@ -91,10 +91,10 @@ TaskVectors<T> load_task_vectors(const MergeOptions& opt, const MergeItem& item)
   tv.deltas.assign(tasks, std::vector<T>(tv.n));
   std::vector<std::atomic<bool>> bad(tasks + 1);
   const size_t chunks = (tv.n + kChunk - 1) / kChunk;
-  parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
+  parallel_take(chunks, opt.threads, [&](auto take) {
     std::vector<T> base(kChunk);
     std::vector<char> raw;
-    for (size_t c = cb; c < ce; ++c) {
+    for (size_t c = take(); c < chunks; c = take()) {
       const size_t b = c * kChunk, len = std::min(kChunk, tv.n - b);
       if (!load_chunk(input_chunk(item, 0, b, len, raw), item.base.dtype, len, base.data()))
         bad[0] = true;
@@ -186,10 +186,10 @@ void for_each_sum_chunk(const MergeOptions& opt, const MergeItem& item, Fn&& fn)
   const size_t n = static_cast<size_t>(item.base.numel()), tasks = item.finetuned.size();
   std::vector<std::atomic<bool>> bad(tasks + 1);
   const size_t chunks = (n + kChunk - 1) / kChunk;
-  parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
+  parallel_take(chunks, opt.threads, [&](auto take) {
     std::vector<T> base(kChunk), scratch(kChunk), acc(kChunk);
     std::vector<char> raw;
-    for (size_t c = cb; c < ce; ++c) {
+    for (size_t c = take(); c < chunks; c = take()) {
       const size_t b = c * kChunk, len = std::min(kChunk, n - b);
       if (!load_chunk(input_chunk(item, 0, b, len, raw), item.base.dtype, len, base.data()))
         bad[0] = true;
@@ -215,10 +215,10 @@ void write_output(const MergeOptions& opt, const MergeItem& item, T* m) {
   const T alpha = static_cast<T>(opt.alpha);
   const size_t chunks = (n + kChunk - 1) / kChunk;
   const size_t out_size = dtype_size(item.out.dtype);
-  parallel_for(chunks, opt.threads, [&](size_t cb, size_t ce) {
+  parallel_take(chunks, opt.threads, [&](auto take) {
     std::vector<T> base(kChunk);
     std::vector<char> raw;
-    for (size_t c = cb; c < ce; ++c) {
+    for (size_t c = take(); c < chunks; c = take()) {
       const size_t b = c * kChunk, len = std::min(kChunk, n - b);
       load_chunk(input_chunk(item, 0, b, len, raw), item.base.dtype, len, base.data());
       for (size_t i = 0; i < len; ++i) m[b + i] = base[i] + alpha * m[b + i];
@@ -318,9 +318,8 @@ void merge_batch(const MergeOptions& opt, const std::vector<MergeItem>& items) {
   MergeOptions single = opt;
   single.threads = 1;
   set_blas_threads(1);
-  std::atomic<size_t> next{0};
-  parallel_for(static_cast<size_t>(side_by_side), side_by_side, [&](size_t, size_t) {
-    for (size_t i = next++; i < items.size(); i = next++) merge_item(single, items[i]);
+  parallel_take(items.size(), side_by_side, [&](auto take) {
+    for (size_t i = take(); i < items.size(); i = take()) merge_item(single, items[i]);
   });
 }
 
