@@ -356,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--methods", default="iso_cts,ties", help="comma list of methods")
     ap.add_argument("--threads", type=int, default=None, help="merge threads (default all)")
     ap.add_argument("--no-half", action="store_true", help="skip the half-layer runs")
+    ap.add_argument("--only-half", action="store_true", help="run the half-layer views only")
     args = ap.parse_args(argv)
     if not os.path.exists(TIME):
         print(f"{TIME} not found: apt-get install time", file=sys.stderr)
@@ -387,7 +388,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tasks = _fit_tasks(root, cs, cs.tasks)
         print(f"{cs.label}: base + {tasks} fine-tunes under {root / cs.key}", file=sys.stderr)
         base, models = ensure_set(root, cs, tasks)
-        variants = [(cs.layers, base, models)]
+        variants = [] if args.only_half else [(cs.layers, base, models)]
         if not args.no_half and cs.layers >= 2:
             half = cs.layers // 2
 

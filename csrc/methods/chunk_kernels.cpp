@@ -47,30 +47,53 @@ ISOFAST_INLINE bool load_any(const void* src, DType d, size_t n, T* dst) {
                        [dst](size_t i, float x) { dst[i] = static_cast<T>(x); });
 }
 
-template <class T>
-ISOFAST_INLINE bool add_delta_bf16(const uint16_t* p, size_t n, const T* base, T* acc) {
-  return for_each_bf16(p, n, [base, acc](size_t i, float x) {
-    acc[i] += static_cast<T>(x) - base[i];
-  });
+// One block of a streamed sum, small enough for L1: base and sum never leave it, and every
+// input is read once. Returns false for NaN or +-inf in the input.
+constexpr size_t kSumBlock = 512;  // elements
+constexpr size_t kAheadBytes = 8192;
+
+ISOFAST_INLINE void prefetch_next(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p) + kAheadBytes;
+  for (size_t l = 0; l < bytes; l += 64) __builtin_prefetch(c + l);
 }
 
 template <class T>
-ISOFAST_INLINE bool add_delta_f32(const float* p, size_t n, const T* base, T* acc) {
-  uint32_t hit = 0;
+ISOFAST_INLINE bool load_block(const void* src, DType d, size_t n, T* dst) {
+  if (d != DType::BF16) return load_as(src, d, n, dst);
+  const uint16_t* p = static_cast<const uint16_t*>(src);
+  uint16_t largest = 0;  // |x| as bits: NaN or +-inf iff >= 0x7f80 (16 to a register)
   for (size_t i = 0; i < n; ++i) {
-    uint32_t b;
-    std::memcpy(&b, p + i, 4);
-    hit |= static_cast<uint32_t>((b & 0x7f800000u) == 0x7f800000u);
-    acc[i] += static_cast<T>(p[i]) - base[i];
+    const uint16_t magnitude = static_cast<uint16_t>(p[i] & 0x7fffu);
+    largest = magnitude > largest ? magnitude : largest;
+    dst[i] = static_cast<T>(bf16_to_float(p[i]));
   }
-  return hit == 0;
+  return largest < 0x7f80u;
 }
 
 template <class T>
-ISOFAST_INLINE bool add_delta_any(const void* src, DType d, size_t n, const T* base, T* acc,
-                                  T* scratch) {
-  if (d == DType::BF16) return add_delta_bf16(static_cast<const uint16_t*>(src), n, base, acc);
-  if (d == DType::F32) return add_delta_f32(static_cast<const float*>(src), n, base, acc);
+ISOFAST_INLINE bool add_delta_block(const void* src, DType d, size_t n, const T* base, T* acc,
+                                    T* scratch) {
+  if (d == DType::BF16) {
+    const uint16_t* p = static_cast<const uint16_t*>(src);
+    uint16_t largest = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const uint16_t magnitude = static_cast<uint16_t>(p[i] & 0x7fffu);
+      largest = magnitude > largest ? magnitude : largest;
+      acc[i] += static_cast<T>(bf16_to_float(p[i])) - base[i];
+    }
+    return largest < 0x7f80u;
+  }
+  if (d == DType::F32) {
+    const float* p = static_cast<const float*>(src);
+    uint32_t hit = 0;
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t b;
+      std::memcpy(&b, p + i, 4);
+      hit |= static_cast<uint32_t>((b & 0x7f800000u) == 0x7f800000u);
+      acc[i] += static_cast<T>(p[i]) - base[i];
+    }
+    return hit == 0;
+  }
   // Other dtypes (f16, f64): convert first; f64 -> f32 may overflow, which the check sees.
   const bool finite = load_as(src, d, n, scratch);
   for (size_t i = 0; i < n; ++i) acc[i] += scratch[i] - base[i];
@@ -78,10 +101,29 @@ ISOFAST_INLINE bool add_delta_any(const void* src, DType d, size_t n, const T* b
 }
 
 template <class T>
-ISOFAST_INLINE void store_linear_any(const T* base, T alpha, T scale, T* acc, size_t n,
-                                     void* dst, DType d) {
-  for (size_t i = 0; i < n; ++i) acc[i] = base[i] + alpha * (acc[i] * scale);
-  store_as(acc, n, dst, d);
+ISOFAST_INLINE void sum_chunk_any(const SumChunk<T>& job) {
+  T base[kSumBlock], acc[kSumBlock], scratch[kSumBlock];
+  for (size_t o = 0; o < job.n; o += kSumBlock) {
+    const size_t m = job.n - o < kSumBlock ? job.n - o : kSumBlock;
+    for (size_t k = 0; k < job.models; ++k) {
+      const size_t size = dtype_size(job.dtypes[k]);
+      const char* src = static_cast<const char*>(job.inputs[k]) + o * size;
+      prefetch_next(src, m * size);
+      if (k == 0) {
+        if (!load_block(src, job.dtypes[0], m, base)) job.finite[0] = false;
+        for (size_t i = 0; i < m; ++i) acc[i] = T(0);
+      } else if (!add_delta_block(src, job.dtypes[k], m, base, acc, scratch)) {
+        job.finite[k] = false;
+      }
+    }
+    if (job.sum != nullptr)
+      for (size_t i = 0; i < m; ++i) job.sum[o + i] = acc[i];
+    if (job.out != nullptr) {
+      for (size_t i = 0; i < m; ++i) acc[i] = base[i] + job.alpha * (acc[i] * job.scale);
+      store_as(acc, m, static_cast<char*>(job.out) + o * dtype_size(job.out_dtype),
+               job.out_dtype);
+    }
+  }
 }
 
 ISOFAST_WIDE bool load_f(const void* src, DType d, size_t n, float* dst) {
@@ -90,22 +132,8 @@ ISOFAST_WIDE bool load_f(const void* src, DType d, size_t n, float* dst) {
 ISOFAST_WIDE bool load_d(const void* src, DType d, size_t n, double* dst) {
   return load_any(src, d, n, dst);
 }
-ISOFAST_WIDE bool add_f(const void* src, DType d, size_t n, const float* base, float* acc,
-                        float* scratch) {
-  return add_delta_any(src, d, n, base, acc, scratch);
-}
-ISOFAST_WIDE bool add_d(const void* src, DType d, size_t n, const double* base, double* acc,
-                        double* scratch) {
-  return add_delta_any(src, d, n, base, acc, scratch);
-}
-ISOFAST_WIDE void store_f(const float* base, float alpha, float scale, float* acc, size_t n,
-                          void* dst, DType d) {
-  store_linear_any(base, alpha, scale, acc, n, dst, d);
-}
-ISOFAST_WIDE void store_d(const double* base, double alpha, double scale, double* acc, size_t n,
-                          void* dst, DType d) {
-  store_linear_any(base, alpha, scale, acc, n, dst, d);
-}
+ISOFAST_WIDE void sum_f(const SumChunk<float>& job) { sum_chunk_any(job); }
+ISOFAST_WIDE void sum_d(const SumChunk<double>& job) { sum_chunk_any(job); }
 
 }  // namespace
 
@@ -118,24 +146,12 @@ bool load_chunk<double>(const void* src, DType d, size_t n, double* dst) {
   return load_d(src, d, n, dst);
 }
 template <>
-bool add_delta_chunk<float>(const void* src, DType d, size_t n, const float* base, float* acc,
-                            float* scratch) {
-  return add_f(src, d, n, base, acc, scratch);
+void sum_chunk<float>(const SumChunk<float>& job) {
+  sum_f(job);
 }
 template <>
-bool add_delta_chunk<double>(const void* src, DType d, size_t n, const double* base, double* acc,
-                             double* scratch) {
-  return add_d(src, d, n, base, acc, scratch);
-}
-template <>
-void store_linear_chunk<float>(const float* base, float alpha, float scale, float* acc, size_t n,
-                               void* dst, DType d) {
-  store_f(base, alpha, scale, acc, n, dst, d);
-}
-template <>
-void store_linear_chunk<double>(const double* base, double alpha, double scale, double* acc,
-                                size_t n, void* dst, DType d) {
-  store_d(base, alpha, scale, acc, n, dst, d);
+void sum_chunk<double>(const SumChunk<double>& job) {
+  sum_d(job);
 }
 
 }  // namespace isofast

@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cmath>
 #include <cstring>
+#include <memory>
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -176,33 +177,44 @@ void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T
   return tsv_m(be, p, opt.rank_tol, m);
 }
 
-// Visits the task sum S = sum_t (ft_t - base) chunk by chunk, in cache: fn(b, len, base, S)
-// gets both chunks in the compute type (S writable). No task vector is materialised: for the
-// methods that need only the sum, T fresh task vectors (their page faults and memory traffic)
-// made merges 20x slower than reading their inputs. The additions happen in the same order as
-// sum_of() over materialised task vectors, so results are bitwise those of the general path.
-template <class T, class Fn>
-void for_each_sum_chunk(const MergeOptions& opt, const MergeItem& item, Fn&& fn) {
-  const size_t n = static_cast<size_t>(item.base.numel()), tasks = item.finetuned.size();
-  std::vector<std::atomic<bool>> bad(tasks + 1);
+// The task sum S = sum_t (ft_t - base), streamed chunk by chunk through the cache: into `sum`
+// (n elements) when set, or straight into out = base + alpha * (S * scale) otherwise. No task
+// vector is materialised: for the methods that need only the sum, T fresh task vectors (their
+// page faults and memory traffic) made merges 20x slower than reading their inputs. The
+// additions happen in the same order as the general path's, so results are bitwise the same.
+template <class T>
+void stream_task_sum(const MergeOptions& opt, const MergeItem& item, T* sum, T scale) {
+  const size_t n = static_cast<size_t>(item.base.numel()), models = item.finetuned.size() + 1;
+  std::vector<std::atomic<bool>> bad(models);
+  std::vector<DType> dtypes(models);
+  for (size_t m = 0; m < models; ++m) dtypes[m] = input_of(item, m).dtype;
   const size_t chunks = (n + kChunk - 1) / kChunk;
+  const size_t out_size = dtype_size(item.out.dtype);
   parallel_take(chunks, opt.threads, [&](auto take) {
-    std::vector<T> base(kChunk), scratch(kChunk), acc(kChunk);
-    std::vector<char> raw;
+    std::vector<std::vector<char>> raw(models);
+    std::vector<const void*> inputs(models);
+    auto finite = std::make_unique<bool[]>(models);
     for (size_t c = take(); c < chunks; c = take()) {
       const size_t b = c * kChunk, len = std::min(kChunk, n - b);
-      if (!load_chunk(input_chunk(item, 0, b, len, raw), item.base.dtype, len, base.data()))
-        bad[0] = true;
-      std::fill(acc.begin(), acc.begin() + len, T(0));
-      for (size_t t = 0; t < tasks; ++t) {
-        if (!add_delta_chunk(input_chunk(item, t + 1, b, len, raw), item.finetuned[t].dtype, len,
-                             base.data(), acc.data(), scratch.data()))
-          bad[t + 1] = true;
+      for (size_t m = 0; m < models; ++m) {
+        inputs[m] = input_chunk(item, m, b, len, raw[m]);
+        finite[m] = true;
       }
-      fn(b, len, base.data(), acc.data());
+      SumChunk<T> job{inputs.data(), dtypes.data(), models, len, finite.get()};
+      if (sum != nullptr) {
+        job.sum = sum + b;
+      } else {
+        job.out = static_cast<char*>(item.out.data) + b * out_size;
+        job.out_dtype = item.out.dtype;
+        job.alpha = static_cast<T>(opt.alpha);
+        job.scale = scale;
+      }
+      sum_chunk(job);
+      for (size_t m = 0; m < models; ++m)
+        if (!finite[m]) bad[m] = true;
     }
   });
-  for (size_t m = 0; m <= tasks; ++m)
+  for (size_t m = 0; m < models; ++m)
     ISOFAST_CHECK(!bad[m], "tensor '", item.name, "' of ", model_label(m), " holds NaN or Inf");
   if (opt.release_inputs)
     for (const TensorView& ft : item.finetuned) release_pages(ft);
@@ -232,12 +244,7 @@ void write_output(const MergeOptions& opt, const MergeItem& item, T* m) {
 template <class T>
 void merge_linear_streamed(const MergeOptions& opt, const MergeItem& item) {
   const T scale = opt.kernel == "mean" ? T(1) / T(item.finetuned.size()) : T(1);
-  const T alpha = static_cast<T>(opt.alpha);
-  const size_t out_size = dtype_size(item.out.dtype);
-  for_each_sum_chunk<T>(opt, item, [&](size_t b, size_t len, const T* base, T* acc) {
-    store_linear_chunk(base, alpha, scale, acc, len,
-                       static_cast<char*>(item.out.data) + b * out_size, item.out.dtype);
-  });
+  stream_task_sum<T>(opt, item, nullptr, scale);
   if (opt.release_inputs) release_pages(item.base);
 }
 
@@ -247,11 +254,8 @@ void merge_iso_c_streamed(const MergeOptions& opt, const MergeItem& item) {
   TaskVectors<T> tv;
   tv.n = static_cast<size_t>(item.base.numel());
   tv.deltas.assign(1, std::vector<T>(tv.n));
-  T* sum = tv.deltas[0].data();
-  for_each_sum_chunk<T>(opt, item, [&](size_t b, size_t len, const T*, T* acc) {
-    std::copy(acc, acc + len, sum + b);
-  });
-  tv.ptrs.assign(1, sum);
+  stream_task_sum<T>(opt, item, tv.deltas[0].data(), T(1));
+  tv.ptrs.assign(1, tv.deltas[0].data());
   std::vector<T> m(tv.n);
   merged_update(opt, item, tv, m.data());
   tv.deltas.clear();
