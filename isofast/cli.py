@@ -13,6 +13,7 @@ from typing import Any
 
 import yaml
 
+import isofast._cli_env  # noqa: F401  (first: sets up OpenBLAS before numpy loads it)
 from isofast.errors import IsofastError
 from isofast.io import CheckpointError
 

@@ -52,7 +52,7 @@ class CudaIsoC:
                 f"method {method!r} runs on the CPU (device: cpu)"
             )
         try:
-            from isofast import _cuda  # type: ignore[attr-defined]
+            from isofast import _cuda
         except ImportError as exc:
             raise BackendUnavailable(
                 f"device {device!r}: this isofast was built without its CUDA backend ({exc}); "
