@@ -245,8 +245,8 @@ def _stream(
     gpu: CudaIsoC | None = None,
 ) -> Iterator[tuple[str, Any, str]]:
     """Merged tensors, batch by batch. Batch k+1 is merged on a worker thread (the core releases
-    the GIL) while the caller writes batch k; each merge first asks the kernel to read ahead
-    the pages of the batch after it. Outputs start at `page_phase[name]` within a page of
+    the GIL) while the caller writes batch k, after asking the kernel to read ahead the pages
+    of batch k+2. Outputs start at `page_phase[name]` within a page of
     memory (the writer then sends them to disk without copying them)."""
 
     def prefetch(i: int) -> None:
@@ -260,7 +260,6 @@ def _stream(
 
     def run(i: int) -> Outputs:
         batch, width = batches[i]
-        prefetch(i + 1)
         if batch[0].copy:
             return [models.view(0, batch[0].name)], []
         placed = [ring.empty(models.shapes[p.name], p.out_dtype, page_phase[p.name]) for p in batch]
@@ -280,6 +279,7 @@ def _stream(
     if not batches:
         return
     prefetch(0)
+    prefetch(1)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="isofast-merge") as pool:
         pending: Future[Outputs] = pool.submit(run, 0)
         written: list[RingToken] = []
@@ -290,6 +290,8 @@ def _stream(
             written = tokens
             if i + 1 < len(batches):
                 pending = pool.submit(run, i + 1)
+            # Read-ahead hints for the batch after (this thread would only wait otherwise).
+            prefetch(i + 2)
             for plan, out in zip(batch, outs, strict=True):
                 if progress is not None:
                     progress(plan.name, models.nbytes[plan.name])
