@@ -5,8 +5,9 @@ publish the output folder atomically."""
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,8 +183,9 @@ def merge_checkpoints(
             phases = writer.page_phases(_stored_bytes(models, p) for p in order)
             page_phase = {p.name: phase for p, phase in zip(order, phases, strict=True)}
             stream = _stream(
-                models, batches, spec.kernel, alpha, options, progress, page_phase, gpu
-            )
+                models, batches, spec.kernel, alpha, options, progress, page_phase, gpu,
+                writer.wait_written,
+            )  # fmt: skip
             for name, out, dtype in stream:
                 writer.add(name, arrays.storage_bits(out), arrays.NAME_TO_SAFETENSORS[dtype])
             base_dir = Path(request.base)
@@ -243,20 +245,21 @@ def _stream(
     progress: Progress | None,
     page_phase: Mapping[str, int],
     gpu: CudaIsoC | None = None,
+    written: Callable[[], None] | None = None,
 ) -> Iterator[tuple[str, Any, str]]:
     """Merged tensors, batch by batch. Batch k+1 is merged on a worker thread (the core releases
-    the GIL) while the caller writes batch k, after asking the kernel to read ahead the pages
-    of batch k+2. Outputs start at `page_phase[name]` within a page of
-    memory (the writer then sends them to disk without copying them)."""
+    the GIL) while the caller writes batch k (two batches are queued ahead), after asking the
+    kernel to read ahead the pages of batch k+3. Outputs start at `page_phase[name]` within a
+    page of memory (the writer then sends them to disk without copying them)."""
 
     def prefetch(i: int) -> None:
         if i < len(batches):
             for p in batches[i][0]:
                 models.prefetch(p.name)
 
-    # Two batches' outputs are alive at once (one written, one merged). Room for two of the
-    # largest: when a wrap wastes the end of the ring, an output gets an array of its own.
-    ring = OutputRing(2 * max((_out_bytes(models, b) for b, _ in batches), default=0))
+    # Three batches' outputs are alive at once: one being written, one waiting for the writer,
+    # one being merged. When a wrap wastes the end of the ring, an output gets its own array.
+    ring = OutputRing(3 * max((_out_bytes(models, b) for b, _ in batches), default=0))
 
     def run(i: int) -> Outputs:
         batch, width = batches[i]
@@ -278,20 +281,23 @@ def _stream(
 
     if not batches:
         return
-    prefetch(0)
-    prefetch(1)
+    for i in range(3):
+        prefetch(i)
+    # Two batches queued ahead: the merge never waits for the writer to finish a big tensor
+    # (the embedding) before starting on the small ones after it.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="isofast-merge") as pool:
-        pending: Future[Outputs] = pool.submit(run, 0)
-        written: list[RingToken] = []
+        pending = deque(pool.submit(run, i) for i in range(min(2, len(batches))))
+        written_tokens: list[RingToken] = []
         for i, (batch, _) in enumerate(batches):
-            outs, tokens = pending.result()
-            for token in written:  # the writer is done with the previous batch
+            outs, tokens = pending.popleft().result()
+            if written is not None:
+                written()  # the previous batch's memory is no longer read by the writer
+            for token in written_tokens:
                 ring.release(token)
-            written = tokens
-            if i + 1 < len(batches):
-                pending = pool.submit(run, i + 1)
-            # Read-ahead hints for the batch after (this thread would only wait otherwise).
-            prefetch(i + 2)
+            written_tokens = tokens
+            if i + 2 < len(batches):
+                pending.append(pool.submit(run, i + 2))
+            prefetch(i + 3)  # read-ahead hints (this thread would only wait otherwise)
             for plan, out in zip(batch, outs, strict=True):
                 if progress is not None:
                     progress(plan.name, models.nbytes[plan.name])

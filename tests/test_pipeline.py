@@ -337,7 +337,7 @@ def test_failure_midway_publishes_nothing(
     monkeypatch.setattr(core, "merge_items", flaky)
     with pytest.raises(RuntimeError, match="injected failure"):
         merge_checkpoints(request_for(root, "iso_cts", max_shard_bytes=3000), tmp_path / "out")
-    assert calls == 4
+    assert calls in (4, 5)  # the batch queued behind the failing one may still have run
     assert list(tmp_path.iterdir()) == []
 
 

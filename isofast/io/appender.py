@@ -48,6 +48,9 @@ class Appender(Protocol):
     def finish(self) -> None:
         """Make every appended byte reach the file (not necessarily the disk: fsync)."""
 
+    def drain(self) -> None:
+        """Wait until no write still reads the caller's memory (see DirectAppender)."""
+
     def discard(self) -> None:
         """Stop without finishing (errors ignored)."""
 
@@ -73,6 +76,9 @@ class BufferedAppender:
         self.offset += len(data)
 
     def finish(self) -> None:
+        pass
+
+    def drain(self) -> None:
         pass
 
     def discard(self) -> None:
@@ -108,6 +114,7 @@ class DirectAppender:
         self._fill = 0
         self._offset = start  # file offset of the current buffer's first byte
         self._use_direct = True
+        self._in_place: list[Future[None]] = []  # writes still reading the caller's memory
 
     def append(self, data: memoryview) -> None:
         data = data.cast("B") if data.format != "B" or data.ndim != 1 else data
@@ -121,7 +128,10 @@ class DirectAppender:
             if self._fill:
                 self._submit(self._fill)
             middle = (len(data) - head) // ALIGN * ALIGN
-            self._write_from(data[head : head + middle], self._offset)
+            # Queued behind the staged blocks; the caller keeps the memory unchanged until
+            # drain() (the merge pipeline hands its memory back to the ring only then).
+            write = self._thread.submit(self._write_from, data[head : head + middle], self._offset)
+            self._in_place.append(write)
             self._offset += middle
             data = data[head + middle :]
         self._copy_in(data)
@@ -135,8 +145,14 @@ class DirectAppender:
             if self._fill == self.block:
                 self._submit(self.block)
 
+    def drain(self) -> None:
+        writes, self._in_place = self._in_place, []
+        for write in writes:
+            write.result()
+
     def finish(self) -> None:
         try:
+            self.drain()
             if self._fill:
                 padded = -(-self._fill // ALIGN) * ALIGN
                 self._views[self._current][self._fill : padded] = bytes(padded - self._fill)

@@ -270,7 +270,8 @@ class CheckpointWriter:
 
     # -- tensors ----------------------------------------------------------------------
     def add(self, name: str, array: npt.ArrayLike, dtype_str: str | None = None) -> None:
-        """Append one tensor. Its bytes are on disk (page cache) when this returns.
+        """Append one tensor. Its bytes may still be being written from `array`'s memory
+        when this returns: keep it unchanged until `wait_written()` or the end of the writer.
 
         `dtype_str` is the safetensors dtype to record ("F32", "BF16", ...); by default it is
         inferred from the array. No conversion happens: BF16 and F8_* data must come as raw
@@ -320,6 +321,17 @@ class CheckpointWriter:
             raise
         self._names.add(name)
         self._total += raw.nbytes
+
+    def wait_written(self) -> None:
+        """Block until the writer no longer reads the memory of tensors already added (direct
+        I/O writes large tensors from the caller's memory, in the background)."""
+        if self._current is None:
+            return
+        try:
+            self._current.appender.drain()
+        except BaseException:
+            self._state = "broken"
+            raise
 
     def page_phases(self, sizes: Iterable[int]) -> list[int]:
         """Where in a page (file offset % 4096) each of the next tensors will start, if
