@@ -305,10 +305,8 @@ class CheckpointWriter:
             arr = arr.astype(little)
         raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
 
-        if (
-            self._current is not None
-            and self._current.entries
-            and self._current.data_bytes + raw.nbytes > self.max_shard_bytes
+        if self._current is not None and self._shard_full(
+            bool(self._current.entries), self._current.data_bytes, raw.nbytes
         ):
             self._close_current()
         if self._current is None:
@@ -342,12 +340,16 @@ class CheckpointWriter:
         data_start = 8 + self._reserve  # later shards start page-aligned as well
         phases = []
         for size in sizes:
-            if has_entries and data_bytes + size > self.max_shard_bytes:
-                data_bytes, has_entries = 0, False  # the shard-break rule of `add`
+            if self._shard_full(has_entries, data_bytes, size):
+                data_bytes, has_entries = 0, False
             phases.append((data_start + data_bytes) % _PAGE)
             data_bytes += size
             has_entries = True
         return phases
+
+    def _shard_full(self, has_entries: bool, data_bytes: int, size: int) -> bool:
+        """Whether a tensor of `size` bytes starts a new shard (a shard holds at least one)."""
+        return has_entries and data_bytes + size > self.max_shard_bytes
 
     def _open_shard(self) -> None:
         path = self.tmp_dir / f"shard-{len(self._done) + 1:05d}.partial"
