@@ -49,7 +49,7 @@ class OutputRing:
             count *= int(s)
         nbytes = count * storage.itemsize
         with self._lock:
-            token = self._place(_round_up(max(nbytes, 1) + PAGE, PAGE))
+            token = self._place(self.slot_bytes(nbytes))
         if token is None:
             raw = np.empty(shape, storage)
         else:
@@ -60,6 +60,11 @@ class OutputRing:
             begin = token[0] + (-self._address % PAGE) + shift
             raw = self._buffer[begin : begin + nbytes].view(storage).reshape(shape)
         return (arrays.Bf16Array(raw) if dtype == "bfloat16" else raw), token
+
+    @staticmethod
+    def slot_bytes(nbytes: int) -> int:
+        """Ring bytes an array of `nbytes` takes: whole pages, with room for any page phase."""
+        return _round_up(max(nbytes, 1) + PAGE, PAGE)
 
     def release(self, token: RingToken) -> None:
         """Give back the oldest outstanding array (tokens must come back in order)."""

@@ -27,7 +27,7 @@ from isofast.merge_plan import (
 )
 from isofast.methods import get_method
 from isofast.model_card import merge_config_yaml, model_card
-from isofast.output_ring import PAGE, OutputRing, RingToken
+from isofast.output_ring import OutputRing, RingToken
 from isofast.ties_global import CoreItem, global_ties_options
 
 Progress = Callable[[str, int], None]  # (tensor name, bytes read for it)
@@ -308,4 +308,4 @@ def _out_bytes(models: OpenModels, batch: Sequence[TensorPlan]) -> int:
     """Ring bytes a batch's outputs take, page-phase padding included."""
     if batch[0].copy:
         return 0
-    return sum(_stored_bytes(models, p) + PAGE for p in batch)
+    return sum(OutputRing.slot_bytes(_stored_bytes(models, p)) for p in batch)

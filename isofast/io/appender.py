@@ -29,7 +29,14 @@ from typing import Protocol
 
 import numpy as np
 
-__all__ = ["ALIGN", "Appender", "BufferedAppender", "DirectAppender", "open_appender"]
+__all__ = [
+    "ALIGN",
+    "Appender",
+    "BufferedAppender",
+    "DirectAppender",
+    "open_appender",
+    "pwrite_all",
+]
 
 ALIGN = 4096  # offset, length and address alignment that O_DIRECT asks of us
 _STAGING_BLOCK = 8 << 20
@@ -55,7 +62,8 @@ class Appender(Protocol):
         """Stop without finishing (errors ignored)."""
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked)."""
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
@@ -70,7 +78,7 @@ class BufferedAppender:
         self.offset = start
 
     def append(self, data: memoryview) -> None:
-        _pwrite_all(self.fd, data, self.offset)
+        pwrite_all(self.fd, data, self.offset)
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(self.fd, self.offset, len(data), os.POSIX_FADV_DONTNEED)
         self.offset += len(data)
@@ -195,7 +203,7 @@ class DirectAppender:
             data, offset = data[n:], offset + n
             if n % ALIGN:  # a short, unaligned write: finish through the page cache
                 self._use_direct = False
-        _pwrite_all(self.buffered_fd, data, offset)
+        pwrite_all(self.buffered_fd, data, offset)
 
     def _close(self) -> None:
         self._thread.shutdown(wait=True)

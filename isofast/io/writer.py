@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from isofast.io.appender import Appender, open_appender
+from isofast.io.appender import Appender, open_appender, pwrite_all
 from isofast.io.dtypes import DTYPE_ITEMSIZE, dtype_str_for_numpy, is_compatible
 from isofast.io.errors import CheckpointError
 from isofast.io.safetensors_format import (
@@ -82,12 +82,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        n = os.write(fd, data)
-        data = data[n:]
-
-
 def _copy_range(src: int, src_off: int, dst: int, dst_off: int, count: int) -> None:
     """Copy bytes between files, in the kernel when it can (copy_file_range)."""
     copy_file_range = getattr(os, "copy_file_range", None)
@@ -105,9 +99,7 @@ def _copy_range(src: int, src_off: int, dst: int, dst_off: int, count: int) -> N
         chunk = os.pread(src, min(count, _COPY_CHUNK), src_off)
         if not chunk:
             raise OSError(errno.EIO, "unexpected end of file while copying shard data")
-        done = 0
-        while done < len(chunk):
-            done += os.pwrite(dst, memoryview(chunk)[done:], dst_off + done)
+        pwrite_all(dst, memoryview(chunk), dst_off)
         src_off, dst_off, count = src_off + len(chunk), dst_off + len(chunk), count - len(chunk)
 
 
@@ -158,7 +150,7 @@ class _Shard:
         self.header_bytes = len(header)
         if len(header) <= self.reserve:
             padded = header + b" " * (self.reserve - len(header))
-            os.pwrite(self.fd, pack_header_length(self.reserve) + padded, 0)
+            pwrite_all(self.fd, memoryview(pack_header_length(self.reserve) + padded), 0)
             os.fsync(self.fd)
             os.close(self.fd)
             return
@@ -170,7 +162,7 @@ class _Shard:
             out = os.open(relayout, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
             try:
                 prefix = pack_header_length(size) + header + b" " * (size - len(header))
-                _write_all(out, memoryview(prefix))
+                pwrite_all(out, memoryview(prefix), 0)
                 _copy_range(self.fd, self.data_start, out, 8 + size, self.data_bytes)
                 os.fsync(out)
             finally:
