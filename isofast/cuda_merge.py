@@ -89,14 +89,13 @@ class CudaIsoC:
     ) -> None:
         """out = base + alpha * Iso-C(finetuned - base), computed on the GPU."""
         torch = self._torch
-        out_bits = out.bits if isinstance(out, arrays.Bf16Array) else out
-        dtype = torch.bfloat16 if isinstance(out, arrays.Bf16Array) else None
+        bf16 = isinstance(out, arrays.Bf16Array)
+        # The output's host memory seen by torch (bf16 bits as int16: numpy has no bfloat16).
+        host = torch.from_numpy(out.bits.view(np.int16) if bf16 else out)
         with torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device)
             result = torch.empty(
-                out_bits.shape,
-                dtype=dtype or torch.from_numpy(out_bits[:0]).dtype,
-                device=self.device,
+                host.shape, dtype=torch.bfloat16 if bf16 else host.dtype, device=self.device
             )
             self._cuda.iso_c(
                 [self._to_gpu(ft) for ft in finetuned],
@@ -106,7 +105,4 @@ class CudaIsoC:
                 rank_tol=rank_tol,
                 stream=stream.cuda_stream,
             )
-            if dtype is not None:
-                result = result.view(torch.int16)
-            host = torch.from_numpy(out_bits.view(np.int16) if dtype is not None else out_bits)
-            host.copy_(result)  # waits for the stream
+            host.copy_(result.view(torch.int16) if bf16 else result)  # waits for the stream

@@ -197,6 +197,8 @@ def test_errors() -> None:
 def test_merge_from_disk_on_the_gpu(tmp_path: Any, fresh: Fresh, dtype: str) -> None:
     """`device: cuda` runs Iso-C's matrices on the GPU and everything else on the CPU: the
     merged checkpoint matches the CPU merge (update within 1e-4; vectors bitwise)."""
+    from dataclasses import replace
+
     from isofast.io import CheckpointReader, CheckpointWriter
     from isofast.pipeline import MergeRequest, merge_checkpoints
 
@@ -224,7 +226,7 @@ def test_merge_from_disk_on_the_gpu(tmp_path: Any, fresh: Fresh, dtype: str) -> 
         base=paths[0], models=tuple(paths[1:]), method="iso_c", out_dtype="float32"
     )
     merge_checkpoints(request, tmp_path / "cpu")
-    merge_checkpoints(replace_device(request, "cuda"), tmp_path / "gpu")
+    merge_checkpoints(replace(request, device="cuda"), tmp_path / "gpu")
     with CheckpointReader(tmp_path / "cpu") as cpu, CheckpointReader(tmp_path / "gpu") as gpu:
         assert set(cpu.names()) == set(gpu.names()) == set(shapes)
         for name in shapes:
@@ -236,9 +238,11 @@ def test_merge_from_disk_on_the_gpu(tmp_path: Any, fresh: Fresh, dtype: str) -> 
             if dtype == "bfloat16":
                 b = torch.from_numpy(base[name]).to(torch.bfloat16).double().numpy()
             assert rel(got - b, want - b) <= 1e-4, (name, fresh)
-
-
-def replace_device(request: Any, device: str) -> Any:
-    from dataclasses import replace
-
-    return replace(request, device=device)
+    if dtype == "bfloat16":  # bf16 outputs too: the float32 result, rounded (within 1 ulp)
+        merge_checkpoints(replace(request, device="cuda", out_dtype=None), tmp_path / "gpu16")
+        with CheckpointReader(tmp_path / "gpu") as f32, CheckpointReader(tmp_path / "gpu16") as b:
+            for name in shapes:
+                rounded = torch.from_numpy(np.array(f32.get(name))).to(torch.bfloat16)
+                want16 = rounded.view(torch.int16).numpy().view(np.uint16).astype(np.int32)
+                got16 = b.get(name).astype(np.int32)
+                assert np.abs(got16 - want16).max() <= 1, (name, fresh)
