@@ -1,12 +1,20 @@
-"""isofast: fast, memory-frugal model merging (Iso-C, Iso-CTS, TSV-M, TIES, DARE, consensus)."""
+"""isofast: fast, memory-frugal model merging (Iso-C, Iso-CTS, TSV-M, TIES, DARE, consensus).
 
+`isofast.merge` merges state dicts in memory or checkpoints on disk, into memory or into a
+folder; `isofast.plan` tells what a merge would do from headers alone; `isofast.methods()`
+lists the methods and their parameters. Library messages go to the `isofast` logger.
+"""
+
+import logging
 from typing import TYPE_CHECKING, Any
 
 from isofast.errors import BackendUnavailable, IsofastError, LinAlgError, MergeInputError
 from isofast.methods import methods
 
 if TYPE_CHECKING:
-    from isofast.merge import merge
+    from isofast.api import merge, plan
+    from isofast.planner import MergePlan
+    from isofast.request import MergeRequest
 
 __version__ = "0.1.0"
 
@@ -15,18 +23,31 @@ __all__ = [
     "IsofastError",
     "LinAlgError",
     "MergeInputError",
+    "MergePlan",
+    "MergeRequest",
     "__version__",
     "merge",
     "methods",
+    "plan",
 ]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+# Loaded on first use: they load numpy and the compiled core, and the command line must
+# configure OpenBLAS before either is loaded (isofast/_cli_env.py).
+_LAZY = {
+    "merge": "isofast.api",
+    "plan": "isofast.api",
+    "MergePlan": "isofast.planner",
+    "MergeRequest": "isofast.request",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # `merge` loads numpy and the compiled core: on first use, so that the command line can
-    # configure OpenBLAS before either is loaded (isofast/_cli_env.py).
-    if name == "merge":
-        from isofast.merge import merge as function
+    if name in _LAZY:
+        import importlib
 
-        globals()["merge"] = function  # replaces the submodule the import bound here
-        return function
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # replaces a submodule of the same name bound by the import
+        return value
     raise AttributeError(f"module 'isofast' has no attribute {name!r}")

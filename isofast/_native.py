@@ -6,6 +6,7 @@ import ctypes
 import glob
 import importlib.util
 import os
+from pathlib import Path
 
 # The extension has an rpath into scipy_openblas32/lib; preloading covers layouts where that
 # relative path does not hold (editable installs, unusual site-packages arrangements). The
@@ -18,6 +19,24 @@ if _spec is not None and _spec.origin is not None:
         ctypes.CDLL(_lib, mode=ctypes.RTLD_GLOBAL)
         break
 
-from isofast import _core as core  # noqa: E402
+
+def _not_built(exc: ImportError) -> ImportError:
+    """The usual cause: Python found the source checkout (the current folder comes first on
+    sys.path) instead of the installed package, and the source has no compiled core."""
+    package = Path(__file__).resolve().parent
+    if (package.parent / "pyproject.toml").is_file() and (package.parent / "csrc").is_dir():
+        return ImportError(
+            f"isofast's compiled core is not in {package}: Python imported the source checkout "
+            f"instead of the installed package (the current folder comes first on sys.path). "
+            f"Run from another folder, or build in place with "
+            f"`pip install --no-build-isolation -e .`"
+        )
+    return ImportError(f"isofast's compiled core could not be loaded: {exc}")
+
+
+try:
+    from isofast import _core as core
+except ImportError as _exc:
+    raise _not_built(_exc) from _exc
 
 __all__ = ["core"]

@@ -3,13 +3,14 @@ raw 16-bit arrays tagged as bfloat16 (what the checkpoint readers give for BF16 
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-FLOAT_DTYPES = ("float32", "float64", "float16", "bfloat16")
+from isofast.io.dtypes import FLOAT_DTYPES, by_name
 
 
 @dataclass(frozen=True)
@@ -62,53 +63,42 @@ def core_arg(x: Any) -> Any:
     return np.ascontiguousarray(x)
 
 
-def empty_like(x: Any, dtype: str) -> Any:
-    """Uninitialised output of x's shape and framework in `dtype`."""
-    if is_torch(x):
+def result_kind(x: Any) -> str:
+    """ "torch" or "numpy": the kind of array a merge returns for inputs like x."""
+    return "torch" if is_torch(x) else "numpy"
+
+
+def empty(shape: tuple[int, ...], dtype: str, kind: str) -> Any:
+    """An uninitialised array of `kind` ("torch" or "numpy"; numpy bfloat16 as Bf16Array)."""
+    if kind == "torch":
         torch = _torch()
-        return torch.empty(shape_of(x), dtype=getattr(torch, dtype))
+        return torch.empty(shape, dtype=getattr(torch, dtype))
     if dtype == "bfloat16":
-        return Bf16Array(np.empty(shape_of(x), dtype=np.uint16))
-    return np.empty(shape_of(x), dtype=dtype)
+        return Bf16Array(np.empty(shape, dtype=np.uint16))
+    return np.empty(shape, dtype=dtype)
+
+
+def copy_as(x: Any, kind: str) -> Any:
+    """A copy of x as an array of `kind` (x: torch, numpy, or a Bf16Array of raw bits)."""
+    if kind == "torch":
+        torch = _torch()
+        if is_torch(x):
+            return x.detach().clone()
+        if isinstance(x, Bf16Array):
+            return torch.from_numpy(x.bits.astype(np.int16)).view(torch.bfloat16)
+        return torch.from_numpy(np.array(x, copy=True))
+    if isinstance(x, Bf16Array):
+        return Bf16Array(x.bits.copy())
+    return np.array(x.numpy() if is_torch(x) else x, copy=True)
 
 
 def itemsize(dtype: str) -> int:
     """Bytes per element of a dtype name ('bfloat16' included)."""
-    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+    return by_name(dtype).itemsize
 
 
-def copy_of(x: Any) -> Any:
-    if is_torch(x):
-        return x.detach().clone()
-    if isinstance(x, Bf16Array):
-        return Bf16Array(x.bits.copy())
-    return np.array(x, copy=True)
-
-
-def numel(x: Any) -> int:
-    n = 1
-    for s in shape_of(x):
-        n *= s
-    return n
-
-
-# safetensors dtype spelling <-> isofast dtype names.
-SAFETENSORS_TO_NAME = {
-    "F32": "float32",
-    "F64": "float64",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "U16": "uint16",
-    "U32": "uint32",
-    "U64": "uint64",
-    "BOOL": "bool",
-}
-NAME_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_TO_NAME.items()}
+def nbytes(shape: tuple[int, ...], dtype: str) -> int:
+    return math.prod(shape) * itemsize(dtype)
 
 
 def storage_bits(x: Any) -> np.ndarray:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,6 @@ EPILOG = """examples:
 """
 
 
-def _parse_value(text: str) -> Any:
-    value = yaml.safe_load(text)
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="isofast",
@@ -40,12 +36,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # -v / -q after any command (`isofast merge ... -v`).
+    chatter = argparse.ArgumentParser(add_help=False)
+    chatter.add_argument(
+        "-v", "--verbose", action="count", default=0, help="say what it does (-vv: more)"
+    )
+    chatter.add_argument(
+        "-q", "--quiet", action="store_true", help="errors only: no progress bar or summary"
+    )
 
     merge = sub.add_parser(
         "merge",
+        parents=[chatter],
         help="merge checkpoints into a new folder",
-        description="Merge checkpoints. Either `merge CONFIG OUT` with a YAML "
-        "config, or `merge OUT --base B --model M ...` with flags.",
+        description="Merge checkpoints. Either `merge CONFIG OUT` with a YAML config (isofast's "
+        "schema or mergekit's; relative paths are relative to the config's folder), or "
+        "`merge OUT --base B --model M ...` with flags. The output folder appears only when "
+        "the merge is complete, with an isofast_config.yml that reproduces it.",
     )
     merge.add_argument(
         "args",
@@ -55,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_request_flags(merge)
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    merge.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
 
     plan = sub.add_parser(
         "plan",
+        parents=[chatter],
         help="validate a merge from file headers and print its plan",
         description="Check every model path, tensor name, shape and dtype "
         "from headers only (no tensor data is read) and print the work items, "
@@ -67,10 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("config", nargs="?", help="YAML config (or use the flags)")
     _add_request_flags(plan)
 
-    sub.add_parser("methods", help="list merging methods with parameters and defaults")
+    sub.add_parser("methods", parents=[chatter], help="list merging methods with parameters")
 
     demo = sub.add_parser(
         "demo",
+        parents=[chatter],
         help="merge small generated checkpoints with every method",
         description="Write a small base model and bf16 fine-tunes to a "
         "temporary folder, merge them with every method, print a table.",
@@ -80,90 +88,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# How each setting of isofast.request.SETTINGS reads from the command line, where it is not a
+# single string. The flags, their help and the fields they set all come from SETTINGS.
+_FLAG_OPTIONS: dict[str, dict[str, Any]] = {
+    "models": {"action": "append"},
+    "alpha": {"type": float},
+    "params": {"action": "append", "metavar": "NAME=VALUE"},
+    "compute_dtype": {"choices": ["float32", "float64"]},
+    "out_dtype": {"choices": ["float32", "float16", "bfloat16", "float64"]},
+    "exclude": {"action": "append", "metavar": "PATTERN"},
+    "seed": {"type": int},
+    "threads": {"type": int},
+    "allow_pickle": {"action": "store_true", "default": None},
+}
+
+
 def _add_request_flags(p: argparse.ArgumentParser) -> None:
+    from isofast.request import SETTINGS
+
     g = p.add_argument_group("merge settings (flags override the config)")
-    g.add_argument("--base", help="base (pre-trained) model: folder or file")
-    g.add_argument("--model", action="append", default=None, help="fine-tuned model (repeat)")
-    g.add_argument("--method", help="merge method (see `isofast methods`), default iso_cts")
-    g.add_argument("--alpha", type=float, help="scale of the merged update, default 1.0")
-    g.add_argument(
-        "--param",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="method parameter, e.g. --param density=0.2 (repeat)",
-    )
-    g.add_argument("--dtype", choices=["float32", "float64"], help="compute dtype")
-    g.add_argument(
-        "--out-dtype",
-        choices=["float32", "float16", "bfloat16", "float64"],
-        help="output dtype (default: each tensor keeps the base model's dtype)",
-    )
-    g.add_argument("--exclude", action="append", help="name substring kept out of matrix methods")
-    g.add_argument("--seed", type=int, help="seed for DARE")
-    g.add_argument("--threads", type=int, help="compute threads (default: all cores)")
-    g.add_argument(
-        "--device",
-        help="cpu (default), or cuda / cuda:N: Iso-C's matrices on the GPU (needs the CUDA "
-        "build and PyTorch with CUDA)",
-    )
-    g.add_argument("--out-shard-size", help="max output shard size, e.g. 5GB (default 5GiB)")
-    g.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="allow torch files that need full unpickling (runs code: trust them!)",
-    )
+    for s in SETTINGS:
+        g.add_argument(s.flag, dest=s.field, help=s.help, **_FLAG_OPTIONS.get(s.field, {}))
 
 
 def _request_from(args: argparse.Namespace, config: str | None) -> Any:
-    from dataclasses import replace
+    from isofast.config import load_config
+    from isofast.request import SETTINGS, MergeRequest
 
-    from isofast.config import load_config, parse_size
-    from isofast.pipeline import MergeRequest
-
-    if config:
-        request = load_config(config)
-    else:
-        if not args.base or not args.model:
-            raise IsofastError("give a config file, or --base and at least one --model")
-        request = MergeRequest(base=args.base, models=tuple(args.model))
-    changes: dict[str, Any] = {}
-    if args.base and config:
-        changes["base"] = args.base
-    if args.model and config:
-        changes["models"] = tuple(args.model)
-    for flag, field in [
-        ("method", "method"),
-        ("alpha", "alpha"),
-        ("dtype", "compute_dtype"),
-        ("out_dtype", "out_dtype"),
-        ("seed", "seed"),
-        ("threads", "threads"),
-        ("device", "device"),
-    ]:
-        if getattr(args, flag) is not None:
-            changes[field] = getattr(args, flag)
-    if args.exclude is not None:
-        changes["exclude"] = tuple(args.exclude)
-    if args.out_shard_size is not None:
-        changes["max_shard_bytes"] = parse_size(args.out_shard_size)
-    if args.allow_pickle:
-        changes["allow_pickle"] = True
-    if args.param:
-        params = dict(request.params or {})
-        for item in args.param:
+    given = {s.field: getattr(args, s.field) for s in SETTINGS}
+    changes = {field: value for field, value in given.items() if value is not None}
+    if "params" in changes:
+        params = {}
+        for item in changes["params"]:
             name, sep, value = item.partition("=")
             if not sep:
                 raise IsofastError(f"--param needs NAME=VALUE, got {item!r}")
-            params[name.strip()] = _parse_value(value)
+            params[name.strip()] = yaml.safe_load(value)
         changes["params"] = params
-    return replace(request, **changes)
+    if config:
+        return load_config(config, **changes)
+    if not args.base or not args.models:
+        raise IsofastError("give a config file, or --base and at least one --model")
+    changes["models"] = tuple(changes["models"])
+    return MergeRequest.make(changes, "command line")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from isofast.model_card import merge_config_yaml
-    from isofast.pipeline import merge_checkpoints
-    from isofast.progress import ProgressBar
+    from isofast.api import run
 
     if len(args.args) == 2:
         config, out = args.args
@@ -172,20 +143,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     else:
         raise IsofastError("merge takes CONFIG OUT or OUT (with --base/--model)")
     request = _request_from(args, config)
-    from isofast.planning import make_plan
-
-    plan = make_plan(request)  # validates everything from headers before any data is read
     start = time.perf_counter()
-    with ProgressBar(plan.total_input_bytes, len(plan.items), disable=args.quiet) as bar:
-        path = merge_checkpoints(
-            request,
-            out,
-            overwrite=args.overwrite,
-            progress=bar.update,
-            config_text=merge_config_yaml(request),
-        )
+    path = run(request, out, overwrite=args.overwrite, progress=not args.quiet)
+    seconds = time.perf_counter() - start
     if not args.quiet:
-        seconds = time.perf_counter() - start
         print(
             f"merged {len(request.models)} models with {request.method} into {path} "
             f"in {seconds:.1f} s"
@@ -194,10 +155,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from isofast.planning import format_plan, make_plan
+    from isofast.api import plan_of
+    from isofast.planner import format_plan
 
-    request = _request_from(args, args.config)
-    print(format_plan(make_plan(request)))
+    print(format_plan(plan_of(_request_from(args, args.config))))
     return 0
 
 
@@ -242,17 +203,42 @@ def _allow_many_open_files() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
+@contextlib.contextmanager
+def _logging_to_stderr(verbose: int, quiet: bool) -> Iterator[None]:
+    """Library messages (the `isofast` logger) and Python warnings on stderr while a command
+    runs: warnings by default, what the merge does with -v, every step with -vv, errors only
+    with -q."""
+    level = logging.DEBUG if verbose >= 2 else logging.INFO if verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("isofast: %(message)s"))
+    handler.setLevel(logging.ERROR if quiet else level)
+    loggers = [logging.getLogger("isofast"), logging.getLogger("py.warnings")]
+    old_levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(handler)
+        logger.setLevel(min(level, logger.level or logging.WARNING))
+    logging.captureWarnings(True)
+    try:
+        yield
+    finally:
+        logging.captureWarnings(False)
+        for logger, old in zip(loggers, old_levels, strict=True):
+            logger.removeHandler(handler)
+            logger.setLevel(old)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _allow_many_open_files()
-    try:
-        return COMMANDS[args.command](args)
-    except (IsofastError, CheckpointError, ValueError, FileExistsError) as exc:
-        print(f"isofast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("isofast: interrupted; no output folder was published", file=sys.stderr)
-        return 130
+    with _logging_to_stderr(args.verbose, args.quiet):
+        try:
+            return COMMANDS[args.command](args)
+        except (IsofastError, CheckpointError, ValueError, FileExistsError) as exc:
+            print(f"isofast {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print("isofast: interrupted; no output folder was published", file=sys.stderr)
+            return 130
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
-"""Merge configs: isofast's own YAML schema, and mergekit configs for the methods both share."""
+"""Merge configs: isofast's own YAML schema (the settings of `isofast.request`), and mergekit
+configs for the methods both share."""
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -10,51 +10,23 @@ from typing import Any
 import yaml
 
 from isofast.errors import MergeInputError
-from isofast.pipeline import MergeRequest
-
-_OWN_KEYS = {
-    "base_model",
-    "models",
-    "method",
-    "alpha",
-    "parameters",
-    "dtype",
-    "out_dtype",
-    "exclude",
-    "seed",
-    "threads",
-    "out_shard_size",
-    "allow_pickle",
-    "device",
-}
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 10**3,
-    "m": 10**6,
-    "g": 10**9,
-    "t": 10**12,
-    "ki": 2**10,
-    "mi": 2**20,
-    "gi": 2**30,
-    "ti": 2**40,
-}
+from isofast.io.dtypes import parse_float_dtype
+from isofast.request import MergeRequest, model_path
+from isofast.request import config_fields as isofast_fields
 
 
-def parse_size(value: str | int) -> int:
-    """'5GB', '500MiB', 1000000 -> bytes."""
-    if isinstance(value, int):
-        return value
-    m = _SIZE.match(str(value))
-    if not m:
-        raise MergeInputError(f"cannot read size {value!r} (examples: 5GB, 500MiB, 1000000)")
-    unit = (m.group(2) or "").lower().removesuffix("b")
-    return int(float(m.group(1)) * _UNITS[unit])
+def load_config(path: str | Path, **overrides: Any) -> MergeRequest:
+    """Read a YAML config (isofast's schema or mergekit's) into a MergeRequest, with
+    `overrides` (request fields, e.g. from command-line flags) replacing what it sets; the
+    method's `params` are merged. Relative model paths are relative to the config's folder."""
+    fields = config_fields(path)
+    if "params" in overrides:
+        overrides = {**overrides, "params": {**fields.get("params", {}), **overrides["params"]}}
+    return MergeRequest.make({**fields, **overrides}, str(path))
 
 
-def load_config(path: str | Path) -> MergeRequest:
-    """Read a YAML config (isofast's schema or mergekit's) into a MergeRequest."""
+def config_fields(path: str | Path) -> dict[str, Any]:
+    """The request fields a YAML config (isofast's schema or mergekit's) sets."""
     path = Path(path)
     if not path.is_file():
         raise MergeInputError(f"config file not found: {path}")
@@ -64,56 +36,10 @@ def load_config(path: str | Path) -> MergeRequest:
         raise MergeInputError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(data, dict):
         raise MergeInputError(f"{path}: expected a mapping at the top level")
-    request = from_mergekit(data, path) if "merge_method" in data else from_isofast(data, path)
-    return _resolve_paths(request, path.parent)
-
-
-def _resolve_paths(request: MergeRequest, root: Path) -> MergeRequest:
-    """Relative model paths are relative to the config file's folder."""
-
-    def fix(p: str) -> str:
-        return p if Path(p).is_absolute() else str((root / p).resolve())
-
-    from dataclasses import replace
-
-    return replace(request, base=fix(request.base), models=tuple(fix(m) for m in request.models))
-
-
-def _model_path(entry: Any, where: str) -> str:
-    if isinstance(entry, str):
-        return entry
-    if isinstance(entry, Mapping) and isinstance(entry.get("model"), str):
-        return str(entry["model"])
-    raise MergeInputError(f"{where}: each model must be a path or {{model: path}}, got {entry!r}")
-
-
-def from_isofast(data: Mapping[str, Any], path: Path) -> MergeRequest:
-    unknown = sorted(set(data) - _OWN_KEYS)
-    if unknown:
-        raise MergeInputError(
-            f"{path}: unknown config key(s) {unknown}; known: {sorted(_OWN_KEYS)}"
-        )
-    for key in ("base_model", "models"):
-        if key not in data:
-            raise MergeInputError(f"{path}: missing required key '{key}'")
-    models = data["models"]
-    if not isinstance(models, list) or not models:
-        raise MergeInputError(f"{path}: 'models' must be a non-empty list")
-    return MergeRequest(
-        base=_model_path(data["base_model"], f"{path}: base_model"),
-        models=tuple(_model_path(m, f"{path}: models") for m in models),
-        method=str(data.get("method", "iso_cts")),
-        alpha=data.get("alpha", 1.0),
-        params=dict(data.get("parameters") or {}),
-        compute_dtype=str(data.get("dtype", "float32")),
-        out_dtype=data.get("out_dtype"),
-        exclude=tuple(data.get("exclude", ("text_projection",))),
-        seed=int(data.get("seed", 0)),
-        threads=data.get("threads"),
-        max_shard_bytes=parse_size(data.get("out_shard_size", 5 * 2**30)),
-        allow_pickle=bool(data.get("allow_pickle", False)),
-        device=str(data.get("device", "cpu")),
-    )
+    root = path.resolve().parent
+    if "merge_method" in data:
+        return from_mergekit(data, path, root)
+    return isofast_fields(data, str(path), root)
 
 
 # mergekit method -> isofast method. Differences in semantics are listed in docs/MERGEKIT.md.
@@ -123,15 +49,6 @@ _MERGEKIT_METHODS = {
     "ties": "ties",
     "dare_ties": "dare_ties",
     "dare_linear": "dare_linear",
-}
-_MERGEKIT_DTYPES = {
-    "float64": "float64",
-    "bfloat16": "bfloat16",
-    "float16": "float16",
-    "float32": "float32",
-    "bf16": "bfloat16",
-    "fp16": "float16",
-    "fp32": "float32",
 }
 
 
@@ -145,7 +62,7 @@ def _same(values: list[Any], what: str, path: Path) -> Any:
     return values[0]
 
 
-def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
+def from_mergekit(data: Mapping[str, Any], path: Path, root: Path) -> dict[str, Any]:
     method = str(data["merge_method"])
     if method not in _MERGEKIT_METHODS:
         raise MergeInputError(
@@ -154,17 +71,17 @@ def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
         )
     entries = data.get("models") or []
     if "base_model" in data:
-        base = _model_path(data["base_model"], f"{path}: base_model")
+        base = model_path(data["base_model"], f"{path}: base_model", root)
     elif method == "linear" and entries:
         # The mean of the models does not depend on the base: the first model serves as theta0
         # and stays among the averaged ones.
-        base = _model_path(entries[0], f"{path}: models")
+        base = model_path(entries[0], f"{path}: models", root)
     else:
         raise MergeInputError(
             f"{path}: isofast needs 'base_model' (task vectors are taken from it)"
         )
     if "base_model" in data:  # a base listed among the models adds nothing to average over
-        entries = [e for e in entries if _model_path(e, f"{path}: models") != base]
+        entries = [e for e in entries if model_path(e, f"{path}: models", root) != base]
     if not entries:
         raise MergeInputError(f"{path}: no fine-tuned models besides the base model")
     globals_ = dict(data.get("parameters") or {})
@@ -214,13 +131,20 @@ def from_mergekit(data: Mapping[str, Any], path: Path) -> MergeRequest:
     # isofast computes in float32 (float64 when asked), never in 16-bit.
     dtype = data.get("out_dtype") or data.get("dtype")
     compute = "float64" if str(data.get("dtype")) in ("float64", "fp64") else "float32"
-    return MergeRequest(
+    return dict(
         base=base,
-        models=tuple(_model_path(e, f"{path}: models") for e in entries),
+        models=tuple(model_path(e, f"{path}: models", root) for e in entries),
         method=_MERGEKIT_METHODS[method],
         alpha=alpha,
         params=params,
-        out_dtype=_MERGEKIT_DTYPES.get(str(dtype)) if dtype else None,
+        out_dtype=_float_dtype(dtype, path) if dtype else None,
         compute_dtype=compute,
         seed=int(data.get("seed", 0)),
     )
+
+
+def _float_dtype(value: Any, path: Path) -> str:
+    try:
+        return parse_float_dtype(value, "dtype")
+    except ValueError as exc:
+        raise MergeInputError(f"{path}: {exc}") from None

@@ -16,36 +16,22 @@ from typing import Any
 import numpy as np
 
 from isofast import arrays
-from isofast.errors import BackendUnavailable, MergeInputError
+from isofast.errors import BackendUnavailable
 
 GPU_KERNELS = ("iso_c",)
 
 
-def parse_device(device: str) -> tuple[str, int]:
-    """'cpu' -> ('cpu', 0); 'cuda' / 'gpu' -> ('cuda', 0); 'cuda:N' -> ('cuda', N)."""
-    name = str(device).strip().lower()
-    if name == "cpu":
-        return "cpu", 0
-    if name in ("cuda", "gpu"):
-        return "cuda", 0
-    if name.startswith("cuda:") and name[5:].isdigit():
-        return "cuda", int(name[5:])
-    raise MergeInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
-
-
 def gpu_for(device: str, kernel: str, method: str) -> CudaIsoC | None:
-    """None for `device: cpu`; else the GPU side, checked (raises with the reason)."""
-    kind, _ = parse_device(device)
-    return None if kind == "cpu" else CudaIsoC(device, kernel, method)
+    """None for `device: cpu`; else the GPU side, checked (raises with the reason). `device` is
+    normalised by the request: 'cpu' or 'cuda:N'."""
+    return None if device == "cpu" else CudaIsoC(device, kernel, method)
 
 
 class CudaIsoC:
     """The GPU side of a `device: cuda` merge (checks everything at construction)."""
 
     def __init__(self, device: str, kernel: str, method: str) -> None:
-        kind, index = parse_device(device)
-        if kind != "cuda":
-            raise ValueError("CudaIsoC is for CUDA devices")
+        index = int(device.removeprefix("cuda:"))
         if kernel not in GPU_KERNELS:
             raise BackendUnavailable(
                 f"device {device!r}: only {', '.join(GPU_KERNELS)} runs on the GPU so far; "
@@ -77,6 +63,8 @@ class CudaIsoC:
 
     def _to_gpu(self, array: Any) -> Any:
         torch = self._torch
+        if arrays.is_torch(array):
+            return array.to(self.device)
         bits = array.bits if isinstance(array, arrays.Bf16Array) else np.asarray(array)
         with warnings.catch_warnings():  # read-only memory maps: only read from, never written
             warnings.simplefilter("ignore", UserWarning)
@@ -91,7 +79,11 @@ class CudaIsoC:
         torch = self._torch
         bf16 = isinstance(out, arrays.Bf16Array)
         # The output's host memory seen by torch (bf16 bits as int16: numpy has no bfloat16).
-        host = torch.from_numpy(out.bits.view(np.int16) if bf16 else out)
+        if arrays.is_torch(out):
+            bf16 = out.dtype == torch.bfloat16
+            host = out.view(torch.int16) if bf16 else out
+        else:
+            host = torch.from_numpy(out.bits.view(np.int16) if bf16 else out)
         with torch.cuda.device(self.device):
             stream = torch.cuda.current_stream(self.device)
             result = torch.empty(

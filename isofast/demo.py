@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from isofast.api import merge
 from isofast.io import CheckpointReader, CheckpointWriter
 from isofast.methods import METHODS
-from isofast.pipeline import MergeRequest, merge_checkpoints
 
 # alpha per method for the demo (task arithmetic's usual 0.3; the others' defaults).
 DEMO_ALPHA = {"task_arithmetic": 0.3, "dare_linear": 0.3, "consensus": 0.3}
@@ -104,14 +104,9 @@ def run_demo(
     base, fine_tunes = write_demo_models(folder, tasks)
     rows = []
     for method in dict.fromkeys(spec.name for spec in METHODS.values()):
-        request = MergeRequest(
-            base=str(base),
-            models=tuple(map(str, fine_tunes)),
-            method=method,
-            alpha=DEMO_ALPHA.get(method, 1.0),
-        )
         start = time.perf_counter()
-        out = merge_checkpoints(request, folder / f"merged-{method}")
+        alpha = DEMO_ALPHA.get(method, 1.0)
+        out = merge(base, fine_tunes, method, alpha, out=folder / f"merged-{method}")
         seconds = time.perf_counter() - start
         rows.append((method, seconds, relative_distances(out, base, fine_tunes)))
     if not quiet:

@@ -199,8 +199,9 @@ def test_merge_from_disk_on_the_gpu(tmp_path: Any, fresh: Fresh, dtype: str) -> 
     merged checkpoint matches the CPU merge (update within 1e-4; vectors bitwise)."""
     from dataclasses import replace
 
+    from isofast.api import run as merge_checkpoints
     from isofast.io import CheckpointReader, CheckpointWriter
-    from isofast.pipeline import MergeRequest, merge_checkpoints
+    from isofast.request import MergeRequest
 
     rng = fresh.rng
     shapes = {"a.weight": (64, 48), "b.weight": (96, 96), "c.weight": (40, 120), "a.bias": (64,)}

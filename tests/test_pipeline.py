@@ -1,4 +1,4 @@
-"""`isofast.pipeline.merge_checkpoints`: the on-disk merge behind `isofast merge`.
+"""Merges into a folder (`isofast.merge(..., out=...)`, `isofast merge`).
 
 What is published (tensors, metadata, model card, reproducing config, side files), the
 progress callback, torch `.bin` inputs, alpha = 0, and that a merge that fails or is killed
@@ -27,10 +27,11 @@ from safetensors import safe_open
 import isofast
 from isofast import cli
 from isofast._native import core
+from isofast.api import run as merge_checkpoints
 from isofast.config import load_config
 from isofast.errors import MergeInputError
 from isofast.io import INDEX_NAME, SINGLE_NAME, CheckpointWriter
-from isofast.pipeline import MergeRequest, merge_checkpoints
+from isofast.request import MergeRequest
 
 from conftest import fresh_seed
 
@@ -196,7 +197,7 @@ def test_written_config_reproduces_the_merge_byte_for_byte(
     again = load_config(first / "isofast_config.yml")
     assert again.method == req.method
     assert again.alpha == req.alpha
-    assert dict(again.params or {}) == dict(req.params or {})
+    assert again.method_params == req.method_params
     assert again.seed == req.seed
     assert again.threads == req.threads
     assert again.max_shard_bytes == req.max_shard_bytes
@@ -303,17 +304,19 @@ def test_existing_output_needs_overwrite(
 def test_bad_request_fails_before_creating_anything(
     bf16_models: tuple[Path, StateDict, list[StateDict]], tmp_path: Path
 ) -> None:
+    """A bad setting is refused when the request is made; a bad model when it is opened."""
     root, _, _ = bf16_models
-    for req in (
-        request_for(root, "nope"),
-        request_for(root, "ties", params={"density": 2.0}),
-        request_for(root, "ties", alpha=float("nan")),
-        request_for(root, compute_dtype="float16"),
-        MergeRequest(str(root / "base"), (str(root / "missing"),)),
-        MergeRequest(str(root / "base"), ()),
+    for make in (
+        lambda: request_for(root, "nope"),
+        lambda: request_for(root, "ties", params={"density": 2.0}),
+        lambda: request_for(root, "ties", alpha=float("nan")),
+        lambda: request_for(root, compute_dtype="float16"),
+        lambda: MergeRequest(str(root / "base"), ()),
     ):
         with pytest.raises(MergeInputError):
-            merge_checkpoints(req, tmp_path / "out")
+            merge_checkpoints(make(), tmp_path / "out")
+    with pytest.raises(MergeInputError, match="missing"):
+        merge_checkpoints(MergeRequest(str(root / "base"), (str(root / "missing"),)), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -364,7 +367,8 @@ def test_ctrl_c_in_the_cli_publishes_nothing(
 
 _KILLED_SCRIPT = """
 import pathlib, sys, time
-from isofast.pipeline import MergeRequest, merge_checkpoints
+from isofast.api import run
+from isofast.request import MergeRequest
 
 root, out, marker = sys.argv[1:4]
 calls = 0
@@ -378,7 +382,7 @@ def progress(name, nbytes):
 
 req = MergeRequest(root + "/base", tuple(f"{root}/ft{i}" for i in range(3)), "task_arithmetic",
                    max_shard_bytes=3000, threads=1)
-merge_checkpoints(req, out, progress=progress)
+run(req, out, progress=progress)
 """
 
 

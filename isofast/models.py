@@ -1,0 +1,219 @@
+"""The models of a merge, opened once: checkpoints on disk (headers read at open, data read
+lazily) and state dicts in memory behind one interface, checked against each other."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from isofast import arrays
+from isofast.errors import MergeInputError
+from isofast.io import CheckpointReader
+from isofast.io.dtypes import name_of
+from isofast.request import MergeRequest, ModelSource
+
+log = logging.getLogger(__name__)
+
+# What the compiled core takes for one item: (name, base, fine-tunes, output, matrix?).
+CoreItem = tuple[str, Any, list[Any], Any, bool]
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """One tensor as a header (or an in-memory array) describes it."""
+
+    shape: tuple[int, ...]
+    dtype: str  # isofast's name: float32, bfloat16, int64, ...
+    nbytes: int
+
+
+class _Checkpoint:
+    """A checkpoint on disk: a folder or file, any layout the reader knows."""
+
+    def __init__(self, path: str, label: str, allow_pickle: bool) -> None:
+        if not Path(path).exists():
+            raise MergeInputError(f"{label}: path does not exist: {path}")
+        self.label = label
+        self.path: Path | None = Path(path)
+        self.reader = CheckpointReader(path, allow_pickle=allow_pickle)
+        self.meta = {
+            name: TensorMeta(tuple(info.shape), name_of(info.dtype), info.nbytes)
+            for name, info in self.reader.infos().items()
+        }
+        self.from_files = all(f.suffix == ".safetensors" for f in self.reader.files)
+
+    def view(self, name: str) -> Any:
+        array = self.reader.get(name)
+        return arrays.Bf16Array(array) if self.meta[name].dtype == "bfloat16" else array
+
+    def core_input(self, name: str) -> Any:
+        """For safetensors, the open file itself: the core reads it in cache-sized chunks
+        with pread, which costs about what `cat` does (touching a mapping of it cost page
+        faults and as much again); else the mapped array."""
+        source = self.reader.source(name)
+        if source is None:
+            return arrays.core_arg(self.view(name))
+        fd, offset = source
+        meta = self.meta[name]
+        return ("file", fd, offset, meta.dtype, meta.shape)
+
+    def prefetch(self, name: str) -> None:
+        self.reader.prefetch([name])
+
+    def release(self, name: str) -> None:
+        self.reader.release([name])
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class _InMemory:
+    """A state dict in memory: torch tensors or numpy arrays."""
+
+    def __init__(self, tensors: Mapping[str, Any], label: str) -> None:
+        self.label = label
+        self.path: Path | None = None
+        self.tensors = tensors
+        self.from_files = False
+        self.meta = {}
+        for name, x in tensors.items():
+            try:
+                dtype = arrays.dtype_name(x)
+            except TypeError as exc:
+                raise MergeInputError(f"tensor '{name}' of {label}: {exc}") from None
+            shape = arrays.shape_of(x)
+            self.meta[name] = TensorMeta(shape, dtype, arrays.nbytes(shape, dtype))
+
+    def view(self, name: str) -> Any:
+        return self.tensors[name]
+
+    def core_input(self, name: str) -> Any:
+        try:
+            return arrays.core_arg(self.tensors[name])
+        except ValueError as exc:
+            raise MergeInputError(f"tensor '{name}' of {self.label}: {exc}") from None
+
+    def prefetch(self, name: str) -> None:
+        pass
+
+    def release(self, name: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+Model = _Checkpoint | _InMemory
+
+
+def _open(source: ModelSource, label: str, allow_pickle: bool) -> Model:
+    if isinstance(source, str):
+        return _Checkpoint(source, f"{label} {source}", allow_pickle)
+    return _InMemory(source, label)
+
+
+class ModelSet:
+    """The base model and the T fine-tunes of a request, opened and checked once.
+
+    Every fine-tune must hold exactly the base's tensor names, shapes and dtypes. Use as a
+    context manager (checkpoints hold open files)."""
+
+    def __init__(self, request: MergeRequest) -> None:
+        labels = ["base model"] + [
+            f"fine-tuned model {i}" if not isinstance(m, str) else "model"
+            for i, m in enumerate(request.models)
+        ]
+        self.models: list[Model] = []
+        try:
+            for source, label in zip((request.base, *request.models), labels, strict=True):
+                self.models.append(_open(source, label, request.allow_pickle))
+            self._check()
+        except BaseException:
+            self.close()
+            raise
+        base = self.models[0].meta
+        self.names = list(base)
+        self.meta = base
+        self.nbytes = {n: sum(m.meta[n].nbytes for m in self.models) for n in self.names}
+        log.debug(
+            "opened %d models, %d tensors, %.1f MiB to read",
+            len(self.models),
+            len(self.names),
+            sum(self.nbytes.values()) / 2**20,
+        )
+
+    @property
+    def tasks(self) -> int:
+        return len(self.models) - 1
+
+    @property
+    def base(self) -> Model:
+        return self.models[0]
+
+    @property
+    def from_files(self) -> bool:
+        """Every input is read from safetensors files by the core (never from anonymous
+        memory), so pages of mapped inputs may be dropped once converted."""
+        return all(m.from_files for m in self.models)
+
+    def _check(self) -> None:
+        base = self.models[0].meta
+        for model in self.models[1:]:
+            missing = sorted(set(base) - set(model.meta))
+            extra = sorted(set(model.meta) - set(base))
+            for names, what in ((missing, "lacks tensor '{}' of the base model"),
+                                (extra, "has tensor '{}' that the base model lacks")):  # fmt: skip
+                if names:
+                    more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+                    raise MergeInputError(f"{model.label} {what.format(names[0])}{more}")
+            for name, want in base.items():
+                got = model.meta[name]
+                for what, mine, theirs in (("shape", got.shape, want.shape),
+                                           ("dtype", got.dtype, want.dtype)):  # fmt: skip
+                    if mine != theirs:
+                        raise MergeInputError(
+                            f"tensor '{name}': {model.label} has {what} {mine}, "
+                            f"the base model {theirs}"
+                        )
+
+    def core_item(self, name: str, matrix: bool, out: Any) -> CoreItem:
+        return (
+            name,
+            self.models[0].core_input(name),
+            [m.core_input(name) for m in self.models[1:]],
+            None if out is None else arrays.core_arg(out),
+            matrix,
+        )
+
+    def views(self, name: str) -> list[Any]:
+        """Tensor `name` of every model (base first), as arrays."""
+        return [m.view(name) for m in self.models]
+
+    def prefetch(self, name: str) -> None:
+        for m in self.models:
+            m.prefetch(name)
+
+    def release(self, name: str) -> None:
+        for m in self.models:
+            m.release(name)
+
+    def close(self) -> None:
+        for m in self.models:
+            m.close()
+
+    def __enter__(self) -> ModelSet:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def side_file_folder(models: Sequence[Model]) -> Path | None:
+    """Where config.json and tokenizer files come from: the base model's folder."""
+    path = models[0].path
+    if path is None:
+        return None
+    return path if path.is_dir() else path.parent

@@ -1,0 +1,256 @@
+"""`MergeRequest`: everything one merge needs, its defaults, its validation, and its config form.
+
+Every way into a merge (`isofast.merge`, `isofast plan`, `isofast merge` with flags or a
+YAML config, the config written beside a merged model) builds one of these. `SETTINGS` is the
+only list of the settings: the config keys, the command-line flags and the written config all
+come from it. A request is checked and normalised when it is made, before any file is opened.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from isofast.errors import MergeInputError
+from isofast.io.dtypes import COMPUTE_DTYPES, parse_float_dtype
+from isofast.methods import Params, get_method
+
+# A model is a checkpoint path (folder or file) or, in memory, a mapping of names to tensors.
+ModelSource = str | Mapping[str, Any]
+
+DEFAULT_SHARD_BYTES = 5 * 2**30
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of a merge: its request field, YAML key, command-line flag and help."""
+
+    field: str
+    key: str
+    flag: str
+    help: str
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("base", "base_model", "--base", "base (pre-trained) model: folder or file"),
+    Setting("models", "models", "--model", "fine-tuned model: folder or file (repeat the flag)"),
+    Setting("method", "method", "--method", "merge method (see `isofast methods`)"),
+    Setting("alpha", "alpha", "--alpha", "scale of the merged update: theta0 + alpha * M"),
+    Setting("params", "parameters", "--param", "method parameter NAME=VALUE (repeat the flag)"),
+    Setting("compute_dtype", "dtype", "--dtype", "compute dtype: float32 or float64"),
+    Setting("out_dtype", "out_dtype", "--out-dtype", "output dtype (default: each tensor's own)"),
+    Setting(
+        "exclude", "exclude", "--exclude", "name substring kept out of matrix methods (repeat)"
+    ),
+    Setting("seed", "seed", "--seed", "seed of the random methods (DARE)"),
+    Setting("threads", "threads", "--threads", "compute threads (default: every core)"),
+    Setting("max_shard_bytes", "out_shard_size", "--out-shard-size", "largest output shard (5GiB)"),
+    Setting(
+        "allow_pickle",
+        "allow_pickle",
+        "--allow-pickle",
+        "read torch files that need full unpickling (runs their code: trust them!)",
+    ),
+    Setting(
+        "device",
+        "device",
+        "--device",
+        "cpu, or cuda / cuda:N: Iso-C's matrices on the GPU (CUDA build + PyTorch)",
+    ),
+)
+CONFIG_KEYS: dict[str, str] = {s.key: s.field for s in SETTINGS}
+
+
+@dataclass(frozen=True)
+class MergeRequest:
+    """One merge: theta = theta0 + alpha * M(theta_1 - theta0, ..., theta_T - theta0).
+
+    Made from keyword arguments, a config or flags; normalised on creation:
+    paths become absolute, a single `exclude` string becomes a one-element tuple, dtypes take
+    their canonical names, and the method's parameters are checked.
+    """
+
+    base: ModelSource
+    models: tuple[ModelSource, ...]
+    method: str = "iso_cts"
+    alpha: float = 1.0
+    params: Mapping[str, Any] = field(default_factory=dict)
+    compute_dtype: str = "float32"
+    out_dtype: str | None = None
+    exclude: tuple[str, ...] = ("text_projection",)
+    seed: int = 0
+    threads: int | None = None
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES
+    allow_pickle: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("base", _source(self.base, "base model"))
+        models = [self.models] if isinstance(self.models, (str, os.PathLike)) else self.models
+        put("models", tuple(_source(m, "fine-tuned model") for m in models))
+        if not self.models:
+            raise MergeInputError("no fine-tuned models given (T = 0): need at least one")
+        spec = get_method(str(self.method))
+        put("method", spec.name)
+        put("alpha", _finite(self.alpha, "alpha"))
+        put("params", dict(self.params or {}))
+        spec.make_params(self.params)  # raises on an unknown name or a bad value
+        if str(self.compute_dtype) not in COMPUTE_DTYPES:
+            raise MergeInputError(
+                f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
+                f"got {self.compute_dtype!r}"
+            )
+        if self.out_dtype is not None:
+            put("out_dtype", _float_dtype(self.out_dtype, "out_dtype"))
+        put("exclude", _strings(self.exclude, "exclude"))
+        put("seed", _integer(self.seed, "seed") % 2**64)
+        if self.threads is not None and _integer(self.threads, "threads") < 1:
+            raise MergeInputError(f"threads must be at least 1, got {self.threads!r}")
+        put("max_shard_bytes", parse_size(self.max_shard_bytes))
+        if not isinstance(self.allow_pickle, bool):
+            raise MergeInputError(f"allow_pickle must be true or false, got {self.allow_pickle!r}")
+        put("device", parse_device(self.device))
+
+    @property
+    def method_params(self) -> Params:
+        """The method's typed parameters (defaults filled in)."""
+        return get_method(self.method).make_params(self.params)
+
+    @property
+    def on_disk(self) -> bool:
+        """Whether every model is a path (so the request can be written as a config)."""
+        return all(isinstance(m, str) for m in (self.base, *self.models))
+
+    def replace(self, **changes: Any) -> MergeRequest:
+        return dataclasses.replace(self, **changes)
+
+    def to_config(self) -> dict[str, Any]:
+        """The YAML config that reproduces this merge, every setting spelled out (paths are
+        absolute, so the config means the same from any working directory)."""
+        if not self.on_disk:
+            raise MergeInputError("a merge of in-memory models cannot be written as a config")
+        values = {s.key: getattr(self, s.field) for s in SETTINGS}
+        values["models"] = list(self.models)
+        values["parameters"] = dataclasses.asdict(self.method_params)  # defaults spelled out
+        values["exclude"] = list(self.exclude)
+        return values
+
+    @classmethod
+    def make(cls, fields: Mapping[str, Any], where: str) -> MergeRequest:
+        """A request from field values read from `where` (a config, flags): errors name it."""
+        try:
+            return cls(**fields)
+        except MergeInputError as exc:
+            raise MergeInputError(f"{where}: {exc}") from None
+
+
+def config_fields(data: Mapping[str, Any], where: str, root: Path) -> dict[str, Any]:
+    """The request fields an isofast YAML config sets; relative paths are relative to `root`
+    (the config file's folder). `where` names the config in errors."""
+    unknown = sorted(set(data) - set(CONFIG_KEYS))
+    if unknown:
+        raise MergeInputError(
+            f"{where}: unknown config key(s) {unknown}; known: {sorted(CONFIG_KEYS)}"
+        )
+    for key in ("base_model", "models"):
+        if key not in data:
+            raise MergeInputError(f"{where}: missing required key '{key}'")
+    models = data["models"]
+    if not isinstance(models, list) or not models:
+        raise MergeInputError(f"{where}: 'models' must be a non-empty list")
+    fields = {CONFIG_KEYS[k]: v for k, v in data.items() if v is not None or k == "out_dtype"}
+    fields["base"] = model_path(data["base_model"], f"{where}: base_model", root)
+    fields["models"] = tuple(model_path(m, f"{where}: models", root) for m in models)
+    return fields
+
+
+def model_path(entry: Any, where: str, root: Path) -> str:
+    """A model entry of a config (`path` or `{model: path}`) as an absolute path."""
+    if isinstance(entry, Mapping) and isinstance(entry.get("model"), str):
+        entry = entry["model"]
+    if not isinstance(entry, str):
+        raise MergeInputError(
+            f"{where}: each model must be a path or {{model: path}}, got {entry!r}"
+        )
+    return str(root / entry) if not Path(entry).is_absolute() else entry
+
+
+def _source(value: Any, what: str) -> ModelSource:
+    if isinstance(value, (str, os.PathLike)):
+        return os.path.abspath(os.fspath(value))
+    if isinstance(value, Mapping):
+        return value
+    raise MergeInputError(
+        f"{what} must be a checkpoint path or a mapping of names to tensors, "
+        f"got {type(value).__name__}"
+    )
+
+
+def _finite(value: Any, what: str) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise MergeInputError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise MergeInputError(f"{what} must be finite, got {value!r}")
+    return number
+
+
+def _integer(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MergeInputError(f"{what} must be a whole number, got {value!r}")
+    return value
+
+
+def _strings(value: Any, what: str) -> tuple[str, ...]:
+    """A string is one pattern (not a sequence of one-letter patterns)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, Sequence) or not all(isinstance(v, str) for v in items):
+        raise MergeInputError(f"{what} must be a string or a list of strings, got {value!r}")
+    return tuple(items)
+
+
+def _float_dtype(value: Any, what: str) -> str:
+    try:
+        return parse_float_dtype(value, what)
+    except ValueError as exc:
+        raise MergeInputError(str(exc)) from None
+
+
+def parse_device(device: Any) -> str:
+    """'cpu', 'cuda' / 'gpu' (-> 'cuda:0'), or 'cuda:N'."""
+    name = str(device).strip().lower()
+    if name in ("cuda", "gpu"):
+        return "cuda:0"
+    if name == "cpu" or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise MergeInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+_UNITS |= {"ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """'5GB', '500MiB', 1000000 -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    found = _SIZE.match(str(value))
+    size = (
+        int(float(found.group(1)) * _UNITS[(found.group(2) or "").lower().removesuffix("b")])
+        if found
+        else 0
+    )
+    if size <= 0:
+        raise MergeInputError(f"cannot read size {value!r} (examples: 5GB, 500MiB, 1000000)")
+    return size
