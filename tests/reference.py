@@ -1,6 +1,6 @@
 """Float64 NumPy ground truth for every isofast merging method.
 
-Written from docs/ALGORITHMS.md, DESIGN.md ("Rank-deficient inputs") and docs/CONTRACT.md
+Written from docs/ALGORITHMS.md (rank-deficient inputs: section 8.2) and docs/CONTRACT.md
 only. Readability over speed: every SVD is numpy.linalg.svd(full_matrices=False).
 """
 

@@ -1,4 +1,4 @@
-"""GEMM-only polar iteration (csrc/linalg/polar_iter.*, DESIGN.md GPU plan) on the CPU.
+"""GEMM-only polar iteration (csrc/linalg/polar_iter.*, docs/ALGORITHMS.md section 10) on the CPU.
 
 Compared with the polar factor U V^T of a float64 SVD of the same input, on fresh random
 matrices A = U diag(s) V^T with log-spaced s (condition numbers 1e2..1e6), square, tall and

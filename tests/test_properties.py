@@ -140,7 +140,7 @@ def test_iso_c_update_has_a_flat_spectrum(
     update = (got["w"] - base64["w"]) / alpha
     s = np.linalg.svd(update, compute_uv=False)
     np.testing.assert_allclose(s, s[0], rtol=1e-8)
-    # ... and that flat value is the mean singular value of the task sum (ALGORITHMS.md).
+    # ... and that flat value is the mean singular value of the task sum (docs/ALGORITHMS.md).
     total = sum(f["w"] - base64["w"] for f in fts64)
     np.testing.assert_allclose(s[0], np.linalg.svd(total, compute_uv=False).mean(), rtol=1e-8)
 

@@ -35,7 +35,7 @@ def svals(a: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize(
     ("r", "T", "expected"),
     [
-        # Worked examples from ALGORITHMS.md.
+        # Worked examples from docs/ALGORITHMS.md (section 8.5).
         (768, 8, (616, 19)),
         (768, 20, (608, 8)),
         (1024, 20, (824, 10)),

@@ -246,10 +246,10 @@ double polar_device(CudaContext& ctx, CudaBackend<W>& be, int rows, int cols, co
   return certificate<W>(ctx, rows, cols, q_out, d, d_norm, rep);
 }
 
-// The SVD route (ALGORITHMS.md with the contract's rank cut): M = sigma_bar * U_q V_q^T, always
-// computed in float64 (cusolverDnXgesvdp): it is the fallback that must hold when the
-// iteration could not certify, and a float32 gesvdp was measured to return garbage (relative
-// error 1.8e2) on 4096 x 4096 inputs of condition number 1e5.
+// The SVD route (docs/ALGORITHMS.md section 8.4, with the rank cut of docs/CONTRACT.md):
+// M = sigma_bar * U_q V_q^T, always computed in float64 (cusolverDnXgesvdp): it is the fallback
+// that must hold when the iteration could not certify, and a float32 gesvdp was measured to
+// return garbage (relative error 1.8e2) on 4096 x 4096 inputs of condition number 1e5.
 // Kept: sigma_i > max(cut * sigma_max, 2 * err_sigma), err_sigma = gesvdp's own perturbation
 // estimate, so that the null space of an exactly low-rank D, which gesvdp resolves only to its
 // own accuracy, is not taken for genuine directions.

@@ -1,4 +1,4 @@
-// Iso-C on one 2-D key, end to end on the GPU (ALGORITHMS.md, DESIGN.md GPU plan):
+// Iso-C on one 2-D key, end to end on the GPU (docs/ALGORITHMS.md sections 8.4 and 10):
 //   D = sum_t (theta_t - theta_0)            (bf16/f16/f32/f64 in, converted on the device)
 //   Q ~ polar(D) by the minimax quintic iteration (coefficients: linalg/polar_coeffs.hpp, the
 //     same schedule as the CPU polar_iter), GEMMs on cuBLAS; for long matrices

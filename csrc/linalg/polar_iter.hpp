@@ -1,6 +1,7 @@
-// GEMM-only polar factor (DESIGN.md, GPU plan): Q ~ polar(A) = U V^T of A = U S V^T by a
-// Polar Express-style sequence of minimax odd quintic steps (coefficients: polar_coeffs.hpp),
-// with the certificate that lets a caller fall back to an SVD route:
+// GEMM-only polar factor (the GPU route of docs/ALGORITHMS.md, section 10): Q ~ polar(A) =
+// U V^T of A = U S V^T by a Polar Express-style sequence of minimax odd quintic steps
+// (coefficients: polar_coeffs.hpp), with the certificate that lets a caller fall back to an
+// SVD route:
 //   cert_orth = ||Q^T Q - I||_F / sqrt(r)   and   cert_sym = ||Q^T A - A^T Q||_F / ||A||_F
 // (for a wide A the Gram side is the short one: Q Q^T and Q A^T). Both are computed in
 // float64 whatever T is, so the certificate measures Q, not the rounding of its own check.

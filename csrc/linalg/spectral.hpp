@@ -50,10 +50,10 @@ Matrix<T> polar(Backend<T>& be, const Matrix<T>& a) {
 }
 
 // Rank tolerance (docs/CONTRACT.md): rank_tol if given (>= 0), else 16 * eps(T) relative to
-// sigma_max. Not DESIGN.md's max(m, n) * eps: real task sums are full rank with condition
-// numbers 1e4..1e5, and a 3072-row cut of 3.7e-4 dropped 17-25 real directions per matrix
-// (a 1.7e-1 change against the reference). Exact low-rank updates computed in float32 sit
-// near 1e-8 * sigma_max and are still cut.
+// sigma_max. Not max(m, n) * eps (an earlier design's cut): real task sums are full rank with
+// condition numbers 1e4..1e5, and a 3072-row cut of 3.7e-4 dropped 17-25 real directions per
+// matrix (a 1.7e-1 change against the reference). Exact low-rank updates computed in float32
+// sit near 1e-8 * sigma_max and are still cut.
 template <class T>
 T rank_cut_factor(double rank_tol, int /*rows*/, int /*cols*/) {
   if (rank_tol >= 0) return static_cast<T>(rank_tol);

@@ -169,7 +169,7 @@ template void tsv_m<float>(Backend<float>&, const MatrixProblem<float>&, double,
 template void tsv_m<double>(Backend<double>&, const MatrixProblem<double>&, double, double*);
 
 // ---------------------------------------------------------------------------------------
-// Gram routes. Notation of ALGORITHMS.md: D is m x n (row-major), r = min(m, n). In memory
+// Gram routes. Notation of docs/ALGORITHMS.md: D is m x n (row-major), r = min(m, n). In memory
 // each task matrix is X = D^T, column-major n x m (p.rows = n, p.cols = m), so
 //   D B   = X^T B  -> gemm(trans_a)          D^T B = X B  -> gemm(no trans)
 // and D D^T = X^T X is the Gram of X's columns, D^T D = X X^T the Gram of its rows.

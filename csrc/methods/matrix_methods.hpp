@@ -28,10 +28,11 @@ struct MatrixProblem {
 // Iso-CTS sizes (docs/CONTRACT.md): returns (k, s) for r = min(m, n), T tasks, fraction f.
 std::pair<int, int> iso_cts_sizes(int r, int tasks, double fraction);
 
-// Exact restructured routes (DESIGN.md performance plan) for compute type float: float64
+// Exact restructured routes (docs/ALGORITHMS.md section 10) for compute type float: float64
 // Gram matrices of the short side + subset eigensolver instead of full SVDs, and for Iso-CTS
 // with m <= n the complement U_perp = U[:, k:] with a small U-side polar. Same math, fewer
-// flops; "direct" routes (one gesdd per step, as ALGORITHMS.md states it) remain for float64.
+// flops; "direct" routes (one gesdd per step, as docs/ALGORITHMS.md section 8 states it)
+// remain for float64.
 template <class T>
 void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, double rank_tol,
                   T* out);
