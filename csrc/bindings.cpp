@@ -12,6 +12,7 @@
 
 #include "core/dlpack.h"
 #include "core/error.hpp"
+#include "core/route_log.hpp"
 #include "core/tensor_view.hpp"
 #include "linalg/backend.hpp"
 #include "linalg/spectral.hpp"
@@ -254,6 +255,8 @@ PYBIND11_MODULE(_core, m) {
         py::arg("prefixes"), "Per-task 65536-bin histogram of one 16-bit digit of |task vector|.");
   m.def("ties_vote", &ties_vote_py, py::arg("items"), py::arg("params"),
         "Sum of elected TIES signs under the given global thresholds.");
+  m.def("take_route_counts", [] { return RouteLog::instance().take(); },
+        "Routes and fallbacks the matrix methods took since the last call, with counts.");
   m.def("svd", &svd_py, py::arg("a"), "Thin SVD (gesdd) of a 2-D float32/float64 array.");
   m.def("data_ptr", &data_ptr, py::arg("a"), "Address of the memory the core sees (zero-copy check).");
   m.def("iso_cts_sizes", &iso_cts_sizes, py::arg("r"), py::arg("tasks"), py::arg("fraction"));

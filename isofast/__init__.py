@@ -8,7 +8,13 @@ lists the methods and their parameters. Library messages go to the `isofast` log
 import logging
 from typing import TYPE_CHECKING, Any
 
-from isofast.errors import BackendUnavailable, IsofastError, LinAlgError, MergeInputError
+from isofast.errors import (
+    BackendUnavailable,
+    IsofastError,
+    LinAlgError,
+    MergeInputError,
+    MergeWarning,
+)
 from isofast.methods import methods
 
 if TYPE_CHECKING:
@@ -25,6 +31,7 @@ __all__ = [
     "MergeInputError",
     "MergePlan",
     "MergeRequest",
+    "MergeWarning",
     "__version__",
     "merge",
     "methods",

@@ -17,3 +17,7 @@ class MergeInputError(IsofastError, ValueError):
 
 class BackendUnavailable(IsofastError, RuntimeError):
     """The requested device backend was not built or cannot run on this machine."""
+
+
+class MergeWarning(UserWarning):
+    """A merge that runs but probably not as meant (e.g. every matrix excluded)."""

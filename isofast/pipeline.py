@@ -45,9 +45,12 @@ def core_options(plan: MergePlan, models: ModelSet) -> dict[str, Any]:
     """The kernel's options, completed by the whole-model passes a method needs (global TIES
     thresholds and majority sign, from one streamed pass over the inputs each)."""
     options = plan.core_options()
+    core.take_route_counts()  # start counting afresh for this merge
     # Pages of mapped inputs may be dropped once converted; never those of arrays that may live
     # in anonymous memory (torch pickles, in-memory tensors).
     options["release_inputs"] = models.from_files
+    if models.from_files:
+        log.debug("input pages are dropped from memory once the core has read them")
     if plan.uses_global_ties:
         floats = [t for t in plan.tensors if not t.copy]
         options = global_ties_options(
@@ -63,6 +66,13 @@ def core_options(plan: MergePlan, models: ModelSet) -> dict[str, Any]:
             options["majority_sign"],
         )
     return options
+
+
+def log_routes() -> None:
+    """Log (and clear) the routes and fallbacks the core's matrix methods took."""
+    counts = core.take_route_counts()
+    if counts:
+        log.info("core routes: %s", "; ".join(f"{what} x{n}" for what, n in counts.items()))
 
 
 def merge_batch(
@@ -97,6 +107,7 @@ def merge_in_memory(plan: MergePlan, models: ModelSet, kind: str) -> dict[str, A
         outs = [arrays.empty(t.shape, t.out_dtype, kind) for t in batch.tensors]
         merge_batch(plan, models, batch, outs, options)
         merged.update((t.name, o) for t, o in zip(batch.tensors, outs, strict=True))
+    log_routes()
     return {t.name: merged[t.name] for t in plan.tensors}
 
 
@@ -126,6 +137,7 @@ def merge_to_folder(
             bar.update(name, models.nbytes[name])
             if callable(progress):
                 progress(name, models.nbytes[name])
+        log_routes()
         side_files = side_file_folder(models.models)
         if side_files is not None:
             writer.copy_side_files(side_files)

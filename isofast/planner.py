@@ -12,11 +12,13 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from isofast.cuda_merge import CudaIsoC, gpu_for
+from isofast.errors import MergeWarning
 from isofast.io.dtypes import FLOAT_DTYPES, by_name
 from isofast.methods import MethodSpec, Params, get_method
 from isofast.models import ModelSet
@@ -155,6 +157,7 @@ def make_plan(request: MergeRequest, models: ModelSet) -> MergePlan:
                 out_bytes,
             )
         )
+    _warn_if_nothing_is_a_matrix(spec, tensors, request.exclude)
     threads = request.threads or default_threads()
     plan = MergePlan(
         request=request,
@@ -167,6 +170,16 @@ def make_plan(request: MergeRequest, models: ModelSet) -> MergePlan:
         threads=threads,
         gpu=gpu,
     )
+    if gpu is not None:
+        matrices = sum(t.matrix for t in tensors)
+        log.info(
+            "%s: %d matrices on the GPU, the other tensors on the CPU", request.device, matrices
+        )
+    for b in plan.batches:
+        if len(b.tensors) > 1:
+            log.debug(
+                "%d x %s merged side by side, one thread each", len(b.tensors), b.tensors[0].shape
+            )
     log.info(
         "plan: %s over %d tensors in %d batches, %s to read, peak about %s",
         spec.name,
@@ -176,6 +189,19 @@ def make_plan(request: MergeRequest, models: ModelSet) -> MergePlan:
         mib(plan.peak_bytes),
     )
     return plan
+
+
+def _warn_if_nothing_is_a_matrix(
+    spec: MethodSpec, tensors: Sequence[TensorPlan], exclude: Sequence[str]
+) -> None:
+    excluded = [t.name for t in tensors if t.treatment == "mean" and len(t.shape) == 2]
+    if excluded and not any(t.matrix for t in tensors):
+        warnings.warn(
+            f"{spec.name}: every 2-D tensor matches an exclude pattern {list(exclude)}, so "
+            f"none is merged as a matrix (they take the mean of the task vectors)",
+            MergeWarning,
+            stacklevel=4,
+        )
 
 
 def _treatment(

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from isofast._native import core
+from isofast.models import CoreItem
 
-CoreItem = tuple[str, Any, list[Any], Any, bool]
 ItemSource = Callable[[], Iterable[list[CoreItem]]]
 
 

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "../core/route_log.hpp"
 #include "backend.hpp"
 #include "spectral.hpp"
 
@@ -93,12 +94,18 @@ template <class T>
 Matrix<T> polar_of_factor(Backend<T>& be, const Matrix<T>& a) {
   const int r = a.cols;
   if (r == 0) return polar(be, a);
-  if (r > a.rows) return polar_float64(a);
+  if (r > a.rows) {
+    note_route("polar of a wide factor: float64 SVD");
+    return polar_float64(a);
+  }
   Matrix<double> g = gram64(a.ptr(), a.rows, r, a.ld(), true);
   Matrix<double> z(r, r);
   std::vector<double> w(static_cast<size_t>(r));
   cpu_backend<double>().eigh_top(r, g.ptr(), g.ld(), r, w.data(), z.ptr(), z.ld());
-  if (!(w[r - 1] > 1e-6 * w[0])) return polar_float64(a);
+  if (!(w[r - 1] > 1e-6 * w[0])) {
+    note_route("polar of an ill-conditioned factor (cond > 1e3): float64 SVD");
+    return polar_float64(a);
+  }
   Matrix<double> scaled = z;
   for (int j = 0; j < r; ++j) {
     const double f = 1.0 / std::sqrt(w[j]);

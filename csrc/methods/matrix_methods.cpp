@@ -5,6 +5,8 @@
 #include <cstring>
 #include <numeric>
 
+#include "../core/route_log.hpp"
+
 #include "../core/error.hpp"
 #include "../linalg/gram.hpp"
 #include "../linalg/spectral.hpp"
@@ -415,7 +417,10 @@ void iso_c_gram(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* o
   std::vector<double> w(static_cast<size_t>(r));
   cpu_backend<double>().eigh_top(r, g.ptr(), g.ld(), r, w.data(), z.ptr(), z.ld());
   // Beyond cond 1e6 a float64 Gram no longer resolves the small directions to fp32 accuracy.
-  if (!(w[0] > 0) || !(w[r - 1] > 1e-12 * w[0])) return iso_c_of_sum(be, p, sum, rank_tol, out);
+  if (!(w[0] > 0) || !(w[r - 1] > 1e-12 * w[0])) {
+    note_route("iso_c: sum too ill-conditioned for its Gram (cond > 1e6): SVD of the sum");
+    return iso_c_of_sum(be, p, sum, rank_tol, out);
+  }
   std::vector<T> sigma(static_cast<size_t>(r));
   for (int j = 0; j < r; ++j) sigma[j] = static_cast<T>(std::sqrt(std::max(w[j], 0.0)));
   const int q = count_above(sigma, r, sigma[0] * rank_cut_factor<T>(rank_tol, m, n));

@@ -12,6 +12,7 @@
 
 #include "../core/error.hpp"
 #include "../core/parallel.hpp"
+#include "../core/route_log.hpp"
 #include "../linalg/backend.hpp"
 #include "chunk_kernels.hpp"
 #include "elementwise.hpp"
@@ -162,11 +163,13 @@ void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T
   Backend<T>& be = cpu_backend<T>();
   ISOFAST_CHECK(opt.route == "auto" || opt.route == "gram" || opt.route == "direct",
                 "route must be auto, gram or direct, got '", opt.route, "'");
-  const bool gram = opt.route == "gram" || (opt.route == "auto" && sizeof(T) == 4);
+  bool gram = opt.route == "gram" || (opt.route == "auto" && sizeof(T) == 4);
+  // gesdd wins on square matrices for Iso-C; the short-side Gram once one side is 1.5x the other.
+  const bool oblong = 2 * std::max(p.rows, p.cols) >= 3 * std::min(p.rows, p.cols);
+  if (k == "iso_c" && opt.route != "gram") gram = gram && oblong;
+  note_route(k + (gram ? ": Gram route" : ": SVD route"));
   if (k == "iso_c") {
-    // gesdd wins on square matrices; the short-side Gram wins once one side is 1.5x the other.
-    const bool oblong = 2 * std::max(p.rows, p.cols) >= 3 * std::min(p.rows, p.cols);
-    if (opt.route == "gram" || (gram && oblong)) return iso_c_gram(be, p, opt.rank_tol, m);
+    if (gram) return iso_c_gram(be, p, opt.rank_tol, m);
     return iso_c(be, p, opt.rank_tol, m);
   }
   if (k == "iso_cts") {

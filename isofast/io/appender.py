@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import mmap
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,6 +29,8 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "ALIGN",
@@ -199,6 +202,7 @@ class DirectAppender:
                 if e.errno != errno.EINVAL:
                     raise
                 self._use_direct = False  # accepted at open, refused on write
+                log.info("direct I/O refused on write: writing through the page cache")
                 break
             data, offset = data[n:], offset + n
             if n % ALIGN:  # a short, unaligned write: finish through the page cache
@@ -229,6 +233,8 @@ def open_appender(path: Path, buffered_fd: int, start: int) -> Appender:
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.EOPNOTSUPP):
                 raise
+            log.info("%s: the file system refuses direct I/O; writing through the page cache", path)
         else:
+            log.debug("%s: written with direct I/O", path)
             return DirectAppender(direct_fd, buffered_fd, start)
     return BufferedAppender(buffered_fd, start)
