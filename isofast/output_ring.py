@@ -8,6 +8,7 @@ released oldest first; a request that does not fit gets a plain new array instea
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from typing import Any
@@ -15,9 +16,9 @@ from typing import Any
 import numpy as np
 
 from isofast import arrays
+from isofast.io.dtypes import by_name
 
 PAGE = 4096  # slots start page-aligned, then shift to the page phase asked for
-_NUMPY_STORAGE = {"bfloat16": np.uint16}
 
 
 RingToken = tuple[int, int] | None  # what releases a ring array (None: not from the ring)
@@ -43,11 +44,8 @@ class OutputRing:
         """An uninitialised array (Bf16Array for bfloat16) whose first byte lies `page_phase`
         bytes into a memory page, and the token that releases it (None: the array is not from
         the ring and needs no release)."""
-        storage = np.dtype(_NUMPY_STORAGE.get(dtype, dtype))
-        count = 1
-        for s in shape:
-            count *= int(s)
-        nbytes = count * storage.itemsize
+        storage = by_name(dtype).storage
+        nbytes = math.prod(shape) * storage.itemsize
         with self._lock:
             token = self._place(self.slot_bytes(nbytes))
         if token is None:

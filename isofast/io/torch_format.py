@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from isofast.io.dtypes import DType, by_name, name_of
 from isofast.io.errors import CheckpointError
 from isofast.io.tensor_info import TensorInfo
 
@@ -25,30 +26,15 @@ TORCH_SUFFIXES = frozenset({".pt", ".pth", ".bin", ".ckpt"})
 # Keys under which training scripts commonly nest the real state dict.
 _WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "module")
 
-# torch dtype name -> (safetensors name, same-size dtype to view the bits as for numpy or
-# None when .numpy() works directly)
-_TORCH_DTYPES: dict[str, tuple[str, str | None]] = {
-    "float64": ("F64", None),
-    "float32": ("F32", None),
-    "float16": ("F16", None),
-    "bfloat16": ("BF16", "int16"),
-    "int64": ("I64", None),
-    "int32": ("I32", None),
-    "int16": ("I16", None),
-    "int8": ("I8", None),
-    "uint8": ("U8", None),
-    "bool": ("BOOL", None),
-    "uint16": ("U16", "int16"),
-    "uint32": ("U32", "int32"),
-    "uint64": ("U64", "int64"),
-    "complex64": ("C64", None),
-    "float8_e4m3fn": ("F8_E4M3", "uint8"),
-    "float8_e5m2": ("F8_E5M2", "uint8"),
-    "float8_e4m3fnuz": ("F8_E4M3FNUZ", "uint8"),
-    "float8_e5m2fnuz": ("F8_E5M2FNUZ", "uint8"),
-    "float8_e8m0fnu": ("F8_E8M0", "uint8"),
-}
-_RAW_NUMPY = {"BF16": np.uint16, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64}
+# Signed integer of each size: what torch views bits as when numpy lacks the real type.
+_SAME_SIZE_INT = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _dtype_of(t: Any) -> DType | None:
+    try:
+        return by_name(str(t.dtype).removeprefix("torch."))
+    except KeyError:
+        return None
 
 
 def _import_torch(path: Path) -> Any:
@@ -140,7 +126,7 @@ class TorchFile:
             where = f"{self.path}: tensor {name!r}"
             if t.layout != torch.strided or t.is_quantized:
                 raise CheckpointError(f"{where}: layout {t.layout} is not supported")
-            kind = _TORCH_DTYPES.get(str(t.dtype).removeprefix("torch."))
+            kind = _dtype_of(t)
             if kind is None:
                 raise CheckpointError(f"{where}: dtype {t.dtype} is not supported")
             t = t.detach()
@@ -148,7 +134,7 @@ class TorchFile:
             self._infos[name] = TensorInfo(
                 name=name,
                 shape=tuple(int(d) for d in t.shape),
-                dtype=kind[0],
+                dtype=kind.safetensors,
                 nbytes=t.numel() * t.element_size(),
                 file=self.path,
                 offset=None,
@@ -175,15 +161,15 @@ class TorchFile:
         t = self._tensors.get(name)
         if t is None:
             raise CheckpointError(f"{self.path}: file is closed; cannot read {name!r}")
-        view_as = _TORCH_DTYPES[str(t.dtype).removeprefix("torch.")][1]
-        if view_as is not None:
+        kind = by_name(name_of(info.dtype))
+        arr: np.ndarray[Any, np.dtype[Any]]
+        if kind.name == kind.storage.name and kind.storage.kind != "u":
+            arr = t.numpy()  # numpy has the type itself
+        else:  # bfloat16, float8, unsigned: the raw bits through a signed view
             import torch
 
-            t = t.view(getattr(torch, view_as))
-        arr: np.ndarray[Any, np.dtype[Any]] = t.numpy()
-        raw = _RAW_NUMPY.get(info.dtype)
-        if raw is not None:
-            arr = arr.view(raw)
+            signed = t.view(getattr(torch, _SAME_SIZE_INT[kind.itemsize]))
+            arr = signed.numpy().view(kind.storage)
         arr.flags.writeable = False
         return arr
 
