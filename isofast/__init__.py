@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from isofast.errors import (
     BackendUnavailable,
+    InsufficientMemory,
     IsofastError,
     LinAlgError,
     MergeInputError,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailable",
+    "InsufficientMemory",
     "IsofastError",
     "LinAlgError",
     "MergeInputError",

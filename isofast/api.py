@@ -11,6 +11,7 @@ from typing import Any, overload
 
 from isofast import arrays
 from isofast.errors import MergeInputError
+from isofast.memory_guard import check_memory
 from isofast.models import ModelSet
 from isofast.pipeline import Progress, merge_in_memory, merge_to_folder
 from isofast.planner import MergePlan, make_plan
@@ -49,6 +50,7 @@ def merge(
     out: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
     progress: bool | Progress = False,
+    force: bool = False,
     **settings: Any,
 ) -> dict[str, Any] | Path:
     """Merge fine-tunes of one base model: theta = theta0 + alpha * M(theta_t - theta0).
@@ -63,14 +65,17 @@ def merge(
     files, a model card and, for inputs on disk, `isofast_config.yml` that reproduces it), with
     memory flat in model size; the folder appears only when complete; returns its path.
     `overwrite` replaces an existing folder; `progress=True` shows a bar on stderr (or pass a
-    function, called with each tensor's name and the bytes read for it).
+    function, called with each tensor's name and the bytes read for it). A merge whose
+    planned peak memory exceeds what the machine has available is refused before any data is
+    read (InsufficientMemory, with the ways out), unless `force`.
 
     Settings (defaults): compute_dtype ("float32" or "float64"), out_dtype (None: each tensor
     keeps its dtype), exclude (("text_projection",): names kept out of matrix methods), seed
     (0), threads (None: every core), device ("cpu"), allow_pickle (False), max_shard_bytes
     ("5GiB"). Any other keyword is a parameter of the method: see `isofast.methods()`.
     """
-    return run(_request(base, finetuned, method, alpha, settings), out, overwrite, progress)
+    request = _request(base, finetuned, method, alpha, settings)
+    return run(request, out, overwrite=overwrite, progress=progress, force=force)
 
 
 def plan(
@@ -89,12 +94,15 @@ def plan(
 def run(
     request: MergeRequest,
     out: str | os.PathLike[str] | None = None,
+    *,
     overwrite: bool = False,
     progress: bool | Progress = False,
+    force: bool = False,
 ) -> dict[str, Any] | Path:
     """Carry out a request (headers are opened and checked once, then data streamed)."""
     with ModelSet(request) as models:
         merge_plan = make_plan(request, models)
+        check_memory(merge_plan, into_memory=out is None, force=force)
         if out is not None:
             return merge_to_folder(merge_plan, models, out, overwrite=overwrite, progress=progress)
         return merge_in_memory(merge_plan, models, _result_kind(merge_plan))

@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_request_flags(merge)
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    merge.add_argument(
+        "--force",
+        action="store_true",
+        help="merge even if the planned peak memory exceeds the memory available",
+    )
 
     plan = sub.add_parser(
         "plan",
@@ -144,7 +149,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise IsofastError("merge takes CONFIG OUT or OUT (with --base/--model)")
     request = _request_from(args, config)
     start = time.perf_counter()
-    path = run(request, out, overwrite=args.overwrite, progress=not args.quiet)
+    path = run(request, out, overwrite=args.overwrite, progress=not args.quiet, force=args.force)
     seconds = time.perf_counter() - start
     if not args.quiet:
         print(

@@ -21,3 +21,7 @@ class BackendUnavailable(IsofastError, RuntimeError):
 
 class MergeWarning(UserWarning):
     """A merge that runs but probably not as meant (e.g. every matrix excluded)."""
+
+
+class InsufficientMemory(IsofastError, MemoryError):
+    """A merge's planned peak memory is more than the machine has available."""

@@ -3,19 +3,26 @@ lazily) and state dicts in memory behind one interface, checked against each oth
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from isofast import arrays
-from isofast.errors import MergeInputError
+from isofast.errors import LinAlgError, MergeInputError
 from isofast.io import CheckpointReader
 from isofast.io.dtypes import name_of
 from isofast.request import MergeRequest, ModelSource
 
 log = logging.getLogger(__name__)
+
+# How the core names what an error is about: "tensor 'x' of fine-tuned model 1".
+_CORE_SUBJECT = re.compile(
+    r"tensor '(?P<name>.+?)' of (?:the base model|fine-tuned model (?P<task>\d+))"
+)
 
 # What the compiled core takes for one item: (name, base, fine-tunes, output, matrix?).
 CoreItem = tuple[str, Any, list[Any], Any, bool]
@@ -44,6 +51,11 @@ class _Checkpoint:
             for name, info in self.reader.infos().items()
         }
         self.from_files = all(f.suffix == ".safetensors" for f in self.reader.files)
+
+    def where(self, name: str) -> str:
+        """The model's path and the file holding tensor `name`, for error messages."""
+        file = self.reader.info(name).file if name in self.meta else None
+        return f"{self.path}" + (f", file {file}" if file is not None and file != self.path else "")
 
     def view(self, name: str) -> Any:
         array = self.reader.get(name)
@@ -86,6 +98,9 @@ class _InMemory:
                 raise MergeInputError(f"tensor '{name}' of {label}: {exc}") from None
             shape = arrays.shape_of(x)
             self.meta[name] = TensorMeta(shape, dtype, arrays.nbytes(shape, dtype))
+
+    def where(self, name: str) -> str:
+        return ""  # in memory: the label says it all
 
     def view(self, name: str) -> Any:
         return self.tensors[name]
@@ -187,6 +202,23 @@ class ModelSet:
             None if out is None else arrays.core_arg(out),
             matrix,
         )
+
+    @contextlib.contextmanager
+    def naming_files(self) -> Iterator[None]:
+        """Core errors name a tensor and a model by its position ("fine-tuned model 1");
+        complete them with the model's path and the file that holds the tensor."""
+        try:
+            yield
+        except (MergeInputError, LinAlgError) as exc:
+            found = _CORE_SUBJECT.search(str(exc))
+            if found is None:
+                raise
+            index = 0 if found["task"] is None else int(found["task"]) + 1
+            where = self.models[index].where(found["name"]) if index < len(self.models) else ""
+            if not where:
+                raise
+            message = f"{str(exc)[: found.end()]} ({where}){str(exc)[found.end() :]}"
+            raise type(exc)(message) from exc
 
     def views(self, name: str) -> list[Any]:
         """Tensor `name` of every model (base first), as arrays."""

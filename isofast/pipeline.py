@@ -53,13 +53,14 @@ def core_options(plan: MergePlan, models: ModelSet) -> dict[str, Any]:
         log.debug("input pages are dropped from memory once the core has read them")
     if plan.uses_global_ties:
         floats = [t for t in plan.tensors if not t.copy]
-        options = global_ties_options(
-            lambda: ([models.core_item(t.name, False, None)] for t in floats),
-            plan.tasks,
-            sum(math.prod(t.shape) for t in floats),
-            getattr(plan.params, "density", 1.0),
-            options,
-        )
+        with models.naming_files():
+            options = global_ties_options(
+                lambda: ([models.core_item(t.name, False, None)] for t in floats),
+                plan.tasks,
+                sum(math.prod(t.shape) for t in floats),
+                getattr(plan.params, "density", 1.0),
+                options,
+            )
         log.info(
             "global TIES: thresholds %s, majority sign %+d",
             ", ".join(f"{x:.3g}" for x in options["thresholds"]),
@@ -89,9 +90,10 @@ def merge_batch(
     items = [
         models.core_item(t.name, t.matrix, o) for t, o in zip(batch.tensors, outs, strict=True)
     ]
-    core.merge_items(
-        plan.spec.kernel, items, alpha, {**options, "item_threads": batch.item_threads}
-    )
+    with models.naming_files():
+        core.merge_items(
+            plan.spec.kernel, items, alpha, {**options, "item_threads": batch.item_threads}
+        )
 
 
 def merge_in_memory(plan: MergePlan, models: ModelSet, kind: str) -> dict[str, Any]:

@@ -326,7 +326,7 @@ def test_failed_write_is_never_published(tmp_path: Path, monkeypatch: pytest.Mon
         w.add("a", np.ones(2, np.float32))
         monkeypatch.setattr(appender_mod.DirectAppender, "append", _disk_full)
         monkeypatch.setattr(appender_mod.BufferedAppender, "append", _disk_full)
-        with pytest.raises(OSError, match="No space"):
+        with pytest.raises(CheckpointError, match=r"shard-00001.partial: cannot write: No space"):
             w.add("b", np.ones(2, np.float32))
         # the caller swallows the error and carries on
     assert os.listdir(tmp_path) == []
@@ -343,7 +343,8 @@ def test_failed_background_write_is_never_published(
     monkeypatch.setenv("ISOFAST_DIRECT_IO", direct)
     monkeypatch.setattr(appender_mod.os, "pwrite", _disk_full)
     out = tmp_path / "merged"
-    with pytest.raises(OSError, match="No space"), CheckpointWriter(out) as w:
+    full = pytest.raises(CheckpointError, match=r"No space.*disk is full")
+    with full, CheckpointWriter(out) as w:
         w.add("a", np.ones(3 << 20, np.float32))  # more than one 8 MiB staging block
         w.add("b", np.ones(5, np.float32))
     assert os.listdir(tmp_path) == []

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from types import TracebackType
@@ -72,6 +73,69 @@ def _mkdir_unique(parent: Path, prefix: str) -> Path:
             continue
         return path
     raise FileExistsError(errno.EEXIST, "cannot create a unique temporary folder", str(parent))
+
+
+_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space or write the output elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted: free some space or write the output elsewhere",
+    errno.EROFS: "the file system is read-only: write the output elsewhere",
+    errno.EACCES: "no permission to write there: write the output elsewhere",
+    errno.EPERM: "no permission to write there: write the output elsewhere",
+    errno.EIO: "the device reported an I/O error",
+}
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an OSError while writing `path` into a CheckpointError that names it and says what
+    to do; nothing is published after it (the writer discards its temporary folder)."""
+    try:
+        yield
+    except (CheckpointError, FileExistsError):  # FileExistsError: the output appeared
+        raise
+    except OSError as e:
+        reason = e.strerror or str(e)
+        hint = _HINTS.get(e.errno or 0)
+        raise CheckpointError(
+            f"{e.filename or path}: cannot write: {reason}" + (f" ({hint})" if hint else "")
+        ) from e
+
+
+class _OutputLock:
+    """An exclusive lock on an output path, so two merges never write the same folder: a
+    hidden lock file beside it, locked with flock (released by the kernel if the holder
+    dies) and removed on release."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir.parent / f".{out_dir.name}.isofast-lock"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise CheckpointError(
+                    f"{out_dir}: another isofast merge is writing this output (lock "
+                    f"{self.path}); wait for it to finish or choose another output folder"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            # The holder before us may have removed the file after we opened it: then our
+            # lock is on a file nobody else will see; lock the current one instead.
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd = fd
+                return
+            os.close(fd)
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -222,10 +286,17 @@ class CheckpointWriter:
         self._shard_metadata = {"format": "pt", **meta}
         self._index_metadata: dict[str, Any] = dict(meta)
         self._check_target()
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = _mkdir_unique(
-            self.out_dir.parent, f".{self.out_dir.name}.isofast-tmp-{os.getpid()}-"
-        )
+        with _writing(self.out_dir.parent):
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _OutputLock(self.out_dir)
+        try:
+            with _writing(self.out_dir.parent):
+                self.tmp_dir = _mkdir_unique(
+                    self.out_dir.parent, f".{self.out_dir.name}.isofast-tmp-{os.getpid()}-"
+                )
+        except BaseException:
+            self._lock.release()
+            raise
         self._reserve = self.initial_header_reserve
         self._current: _Shard | None = None
         self._done: list[_Shard] = []
@@ -301,11 +372,12 @@ class CheckpointWriter:
             bool(self._current.entries), self._current.data_bytes, raw.nbytes
         ):
             self._close_current()
-        if self._current is None:
-            self._open_shard()
-        assert self._current is not None
         try:
-            self._current.write(name, dtype_str, shape, raw.data)
+            if self._current is None:
+                self._open_shard()
+            assert self._current is not None
+            with _writing(self._current.path):
+                self._current.write(name, dtype_str, shape, raw.data)
         except BaseException:
             self._state = "broken"
             raise
@@ -318,7 +390,8 @@ class CheckpointWriter:
         if self._current is None:
             return
         try:
-            self._current.appender.drain()
+            with _writing(self._current.path):
+                self._current.appender.drain()
         except BaseException:
             self._state = "broken"
             raise
@@ -345,14 +418,16 @@ class CheckpointWriter:
 
     def _open_shard(self) -> None:
         path = self.tmp_dir / f"shard-{len(self._done) + 1:05d}.partial"
-        self._current = _Shard(path, self._reserve)
+        with _writing(path):
+            self._current = _Shard(path, self._reserve)
 
     def _close_current(self) -> None:
         shard, self._current = self._current, None
         if shard is None:
             return
         try:
-            shard.close(self._shard_metadata)
+            with _writing(shard.path):
+                shard.close(self._shard_metadata)
         except BaseException:
             self._state = "broken"
             raise
@@ -367,7 +442,8 @@ class CheckpointWriter:
     ) -> list[str]:
         """Copy config/tokenizer/... files of `src_dir` into the output (see side_files)."""
         self._require_open()
-        return copy_side_files(src_dir, self.tmp_dir, patterns)
+        with _writing(self.tmp_dir):
+            return copy_side_files(src_dir, self.tmp_dir, patterns)
 
     def write_text(self, relative_name: str, text: str) -> None:
         """Write a UTF-8 text file (model card, merge config) into the output folder."""
@@ -383,11 +459,12 @@ class CheckpointWriter:
         if is_weight_file_name(rel.name):
             raise ValueError(f"{relative_name!r} would clash with the checkpoint's weight files")
         dest = self.tmp_dir.joinpath(*rel.parts)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(dest, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        with _writing(dest):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with open(dest, "w", encoding="utf-8", newline="") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
 
     # -- finishing --------------------------------------------------------------------
     def finalize(self) -> Path:
@@ -397,11 +474,13 @@ class CheckpointWriter:
         """
         self._require_open()
         try:
-            self._finish()
+            with _writing(self.tmp_dir):
+                self._finish()
         except BaseException:
             self._state = "broken"
             raise
         self._state = "finalized"
+        self._lock.release()
         return self.out_dir
 
     def _finish(self) -> None:
@@ -464,6 +543,7 @@ class CheckpointWriter:
             self._current = None
         shutil.rmtree(self.tmp_dir, ignore_errors=True)
         self._state = "aborted"
+        self._lock.release()
 
     def __enter__(self) -> CheckpointWriter:
         return self
