@@ -13,6 +13,7 @@
 #include "core/dlpack.h"
 #include "core/error.hpp"
 #include "core/route_log.hpp"
+#include "io/crc32c.hpp"
 #include "core/tensor_view.hpp"
 #include "linalg/backend.hpp"
 #include "linalg/spectral.hpp"
@@ -255,6 +256,18 @@ PYBIND11_MODULE(_core, m) {
         py::arg("prefixes"), "Per-task 65536-bin histogram of one 16-bit digit of |task vector|.");
   m.def("ties_vote", &ties_vote_py, py::arg("items"), py::arg("params"),
         "Sum of elected TIES signs under the given global thresholds.");
+  m.def(
+      "crc32c",
+      [](py::buffer data, uint32_t crc) {
+        py::buffer_info info = data.request();
+        ISOFAST_CHECK(info.ndim <= 1 && (info.ndim == 0 || info.strides[0] == info.itemsize),
+                      "crc32c needs a contiguous one-dimensional buffer");
+        const size_t size = static_cast<size_t>(info.size) * static_cast<size_t>(info.itemsize);
+        py::gil_scoped_release release;
+        return crc32c(info.ptr, size, crc);
+      },
+      py::arg("data"), py::arg("crc") = 0,
+      "CRC-32C of a contiguous buffer, continuing from `crc` (the journal's checksum).");
   m.def("take_route_counts", [] { return RouteLog::instance().take(); },
         "Routes and fallbacks the matrix methods took since the last call, with counts.");
   m.def("svd", &svd_py, py::arg("a"), "Thin SVD (gesdd) of a 2-D float32/float64 array.");

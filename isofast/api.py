@@ -51,6 +51,7 @@ def merge(
     overwrite: bool = False,
     progress: bool | Progress = False,
     force: bool = False,
+    resume: bool = False,
     **settings: Any,
 ) -> dict[str, Any] | Path:
     """Merge fine-tunes of one base model: theta = theta0 + alpha * M(theta_t - theta0).
@@ -67,7 +68,9 @@ def merge(
     `overwrite` replaces an existing folder; `progress=True` shows a bar on stderr (or pass a
     function, called with each tensor's name and the bytes read for it). A merge whose
     planned peak memory exceeds what the machine has available is refused before any data is
-    read (InsufficientMemory, with the ways out), unless `force`.
+    read (InsufficientMemory, with the ways out), unless `force`. A merge into a folder that
+    is interrupted (killed, Ctrl-C) keeps its finished shards: `resume=True` with the same
+    arguments reuses them and publishes bitwise what an uninterrupted merge would have.
 
     Settings (defaults): compute_dtype ("float32" or "float64"), out_dtype (None: each tensor
     keeps its dtype), exclude (("text_projection",): names kept out of matrix methods), seed
@@ -75,7 +78,7 @@ def merge(
     ("5GiB"). Any other keyword is a parameter of the method: see `isofast.methods()`.
     """
     request = _request(base, finetuned, method, alpha, settings)
-    return run(request, out, overwrite=overwrite, progress=progress, force=force)
+    return run(request, out, overwrite=overwrite, progress=progress, force=force, resume=resume)
 
 
 def plan(
@@ -98,13 +101,16 @@ def run(
     overwrite: bool = False,
     progress: bool | Progress = False,
     force: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any] | Path:
     """Carry out a request (headers are opened and checked once, then data streamed)."""
     with ModelSet(request) as models:
         merge_plan = make_plan(request, models)
         check_memory(merge_plan, into_memory=out is None, force=force)
         if out is not None:
-            return merge_to_folder(merge_plan, models, out, overwrite=overwrite, progress=progress)
+            return merge_to_folder(
+                merge_plan, models, out, overwrite=overwrite, progress=progress, resume=resume
+            )
         return merge_in_memory(merge_plan, models, _result_kind(merge_plan))
 
 

@@ -24,6 +24,8 @@ EPILOG = """examples:
   isofast merge config.yml out/                 merge as a YAML config says (isofast or mergekit)
   isofast merge out/ --base B --model M1 --model M2 --method iso_cts --alpha 1.0
   isofast plan config.yml                       validate from headers only; print work and memory
+  isofast merge config.yml out/ --resume        finish a merge that was interrupted
+  isofast clean out/                            remove what interrupted merges into out/ left
 """
 
 
@@ -63,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_flags(merge)
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output")
     merge.add_argument(
+        "--resume",
+        action="store_true",
+        help="reuse the finished shards of an interrupted merge of the same settings into OUT",
+    )
+    merge.add_argument(
         "--force",
         action="store_true",
         help="merge even if the planned peak memory exceeds the memory available",
@@ -80,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_flags(plan)
 
     sub.add_parser("methods", parents=[chatter], help="list merging methods with parameters")
+
+    clean = sub.add_parser(
+        "clean",
+        parents=[chatter],
+        help="remove what interrupted merges into OUT left behind",
+        description="Remove the hidden temporary folders that interrupted merges into OUT "
+        "kept for --resume (a new merge into OUT also removes those it does not resume).",
+    )
+    clean.add_argument("out", metavar="OUT", help="the output folder of the interrupted merges")
 
     demo = sub.add_parser(
         "demo",
@@ -149,7 +165,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise IsofastError("merge takes CONFIG OUT or OUT (with --base/--model)")
     request = _request_from(args, config)
     start = time.perf_counter()
-    path = run(request, out, overwrite=args.overwrite, progress=not args.quiet, force=args.force)
+    path = run(
+        request,
+        out,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+        force=args.force,
+        resume=args.resume,
+    )
     seconds = time.perf_counter() - start
     if not args.quiet:
         print(
@@ -164,6 +187,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from isofast.planner import format_plan
 
     print(format_plan(plan_of(_request_from(args, args.config))))
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from isofast.io.writer import clean_leftovers
+
+    removed = clean_leftovers(args.out)
+    if not args.quiet:
+        print(f"removed {len(removed)} leftover folder(s) of merges into {args.out}")
     return 0
 
 
@@ -190,7 +222,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"merge": cmd_merge, "plan": cmd_plan, "methods": cmd_methods, "demo": cmd_demo}
+COMMANDS = {
+    "merge": cmd_merge,
+    "plan": cmd_plan,
+    "methods": cmd_methods,
+    "demo": cmd_demo,
+    "clean": cmd_clean,
+}
 
 
 def _allow_many_open_files() -> None:
@@ -242,7 +280,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"isofast {args.command}: error: {exc}", file=sys.stderr)
             return 2
         except KeyboardInterrupt:
-            print("isofast: interrupted; no output folder was published", file=sys.stderr)
+            print(
+                "isofast: interrupted; no output folder was published"
+                + (
+                    "; rerun with --resume to reuse the finished shards"
+                    if args.command == "merge"
+                    else ""
+                ),
+                file=sys.stderr,
+            )
             return 130
 
 

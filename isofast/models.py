@@ -194,6 +194,18 @@ class ModelSet:
                             f"the base model {theirs}"
                         )
 
+    def input_files(self) -> list[tuple[str, int, int]] | None:
+        """(path, size, mtime in ns) of every input file, base first; None if any model is in
+        memory. Identifies the inputs of a merge to resume."""
+        files = []
+        for model in self.models:
+            if not isinstance(model, _Checkpoint):
+                return None
+            for f in model.reader.files:
+                st = f.stat()
+                files.append((str(f), st.st_size, st.st_mtime_ns))
+        return files
+
     def core_item(self, name: str, matrix: bool, out: Any) -> CoreItem:
         return (
             name,

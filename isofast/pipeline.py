@@ -9,6 +9,8 @@ them to disk without copying.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import os
@@ -20,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from isofast import arrays
+from isofast import __version__, arrays
 from isofast._native import core
 from isofast.io import CheckpointWriter
 from isofast.io.dtypes import safetensors_name
@@ -120,6 +122,7 @@ def merge_to_folder(
     *,
     overwrite: bool = False,
     progress: bool | Progress = False,
+    resume: bool = False,
 ) -> Path:
     """Stream the merge into `out_dir` (sharded safetensors, index, side files of the base,
     model card and, for checkpoints on disk, the config that reproduces it). Nothing appears
@@ -129,12 +132,23 @@ def merge_to_folder(
     metadata = {"isofast_method": plan.spec.name, "isofast_alpha": repr(request.alpha)}
     with (
         ProgressBar(plan.input_bytes, len(plan.tensors), disable=progress is not True) as bar,
-        CheckpointWriter(out_dir, request.max_shard_bytes, metadata, overwrite=overwrite) as writer,
+        CheckpointWriter(
+            out_dir,
+            request.max_shard_bytes,
+            metadata,
+            overwrite=overwrite,
+            fingerprint=resume_key(plan, models),
+            resume=resume,
+        ) as writer,
     ):
-        order = [t for b in plan.batches for t in b.tensors]
+        done = writer.resumed_names
+        order = [t for b in plan.batches for t in b.tensors if t.name not in done]
         phases = writer.page_phases(t.out_bytes for t in order)
         page_phase = {t.name: phase for t, phase in zip(order, phases, strict=True)}
-        for name, out, dtype in _stream(plan, models, options, page_phase, writer.wait_written):
+        for name in done:
+            bar.update(name, models.nbytes[name])
+        stream = _stream(plan, models, options, page_phase, writer.wait_written, done)
+        for name, out, dtype in stream:
             writer.add(name, arrays.storage_bits(out), safetensors_name(dtype))
             bar.update(name, models.nbytes[name])
             if callable(progress):
@@ -153,16 +167,32 @@ def merge_to_folder(
     return Path(os.path.abspath(out_dir))
 
 
+def resume_key(plan: MergePlan, models: ModelSet) -> str | None:
+    """What an interrupted merge must share with this one for its shards to be reused: every
+    setting that changes the output bits (not the thread count: results do not depend on it),
+    the isofast version and the identity of every input file. None for models in memory."""
+    files = models.input_files()
+    if files is None:
+        return None
+    config = plan.request.to_config()
+    del config["threads"]
+    text = json.dumps([__version__, config, files], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _stream(
     plan: MergePlan,
     models: ModelSet,
     options: dict[str, Any],
     page_phase: dict[str, int],
     written: Callable[[], None],
+    done: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, Any, str]]:
-    """Merged tensors in plan order. Two batches are queued ahead on the worker, so the merge
-    never waits for the writer to finish a large tensor before starting on small ones."""
-    batches = plan.batches
+    """Merged tensors in plan order, except those `done` already (a batch holding some of
+    them is merged whole: merges are deterministic). Two batches are queued ahead on the
+    worker, so the merge never waits for the writer to finish a large tensor before starting
+    on small ones."""
+    batches = [b for b in plan.batches if not all(t.name in done for t in b.tensors)]
     # When a wrap wastes the end of the ring, an output gets its own array.
     ring = OutputRing(plan.ring_bytes)
 
@@ -175,7 +205,9 @@ def _stream(
         batch = batches[i]
         if batch.tensors[0].copy:
             return [models.base.view(batch.tensors[0].name)], []
-        placed = [ring.empty(t.shape, t.out_dtype, page_phase[t.name]) for t in batch.tensors]
+        placed = [
+            ring.empty(t.shape, t.out_dtype, page_phase.get(t.name, 0)) for t in batch.tensors
+        ]
         merge_batch(plan, models, batch, [out for out, _ in placed], options)
         return [out for out, _ in placed], [token for _, token in placed]
 
@@ -194,4 +226,5 @@ def _stream(
                 pending.append(pool.submit(run, i + 2))
             prefetch(i + 3)  # read-ahead hints (this thread would only wait otherwise)
             for t, out in zip(batch.tensors, outs, strict=True):
-                yield t.name, out, t.out_dtype
+                if t.name not in done:
+                    yield t.name, out, t.out_dtype

@@ -355,12 +355,17 @@ def test_ctrl_c_in_the_cli_publishes_nothing(
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise KeyboardInterrupt
 
+    real = core.merge_items
     monkeypatch.setattr(core, "merge_items", interrupted)
     argv = ["merge", str(tmp_path / "out"), "--base", str(root / "base")]
     argv += ["--model", str(root / "ft0"), "--method", "ties", "-q"]
     assert cli.main(argv) == 130
-    assert "no output folder was published" in capsys.readouterr().err
-    assert list(tmp_path.iterdir()) == []
+    assert "no output folder was published; rerun with --resume" in capsys.readouterr().err
+    kept = [p.name for p in tmp_path.iterdir()]
+    assert len(kept) == 1 and kept[0].startswith(".out.isofast-tmp-"), kept
+    monkeypatch.setattr(core, "merge_items", real)
+    assert cli.main([*argv, "--resume"]) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 # ----------------------------------------------------------------------------- SIGKILL
@@ -414,4 +419,4 @@ def test_sigkill_while_writing_publishes_nothing(
     assert not out.exists()
     names = {p.name for p in tmps[0].iterdir()}
     assert INDEX_NAME not in names and SINGLE_NAME not in names, names
-    assert all(n.endswith(".partial") for n in names), names
+    assert all(n.endswith(".partial") for n in names - {"isofast-journal.jsonl"}), names

@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,8 @@ import isofast.io.appender as appender_mod
 from isofast import cli, memory_guard
 from isofast._native import core
 from isofast.io import INDEX_NAME, CheckpointError, CheckpointReader, CheckpointWriter
+
+from conftest import fresh_seed
 
 SHAPES = {
     "layers.0.attn.weight": (48, 32),
@@ -266,3 +272,155 @@ def test_nan_in_a_checkpoint_names_the_model_and_file(tmp_path: Path) -> None:
         assert "tensor 'layers.1.mlp.weight' of fine-tuned model 1" in message, message
         assert f"({tmp_path / 'ft1'}, file {tmp_path / 'ft1' / 'model.safetensors'})" in message
         assert "NaN" in message
+
+
+# ----------------------------------------------------------------------------- resume
+
+_KILL_AT_WRITE = """
+import os, signal, sys
+import isofast, isofast.io.appender as appender
+
+root, out, method, kill_at = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+real, calls = os.pwrite, 0
+
+def pwrite(fd, data, offset):
+    global calls
+    calls += 1
+    if calls == kill_at:  # die in the middle of the merge's writes, as a crash would
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(fd, data, offset)
+
+appender.os.pwrite = pwrite
+models = [f"{root}/ft{i}" for i in range(int(sys.argv[5]))]
+isofast.merge(f"{root}/base", models, method, out=out, max_shard_bytes=3000, threads=1)
+"""
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("method", ["ties", "iso_cts"])
+def test_resume_after_a_kill_at_random_points_gives_the_same_bytes(
+    on_disk: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    method: str,
+) -> None:
+    """Ten kills per method (twenty in all) at random writes; `resume=True` then publishes
+    exactly the files of an uninterrupted merge."""
+    models = [on_disk / f"ft{i}" for i in range(TASKS)]
+    real, calls = os.pwrite, 0
+
+    def counting(fd: int, data: Any, offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(appender_mod.os, "pwrite", counting)
+    want = isofast.merge(
+        on_disk / "base", models, method, out=tmp_path / "want", max_shard_bytes=3000, threads=1
+    )
+    monkeypatch.undo()
+    writes = calls
+    caplog.set_level(logging.INFO, logger="isofast")
+    rng = np.random.default_rng(fresh_seed())
+    env = {k: v for k, v in os.environ.items() if k != "ISOFAST_TEST_SEED"}
+    for k in sorted(rng.choice(np.arange(1, writes + 1), size=10, replace=False)):
+        out = tmp_path / f"out{k}"
+        argv = [sys.executable, "-c", _KILL_AT_WRITE, str(on_disk), str(out), method, str(k)]
+        child = subprocess.run([*argv, str(TASKS)], env=env, capture_output=True, timeout=120)
+        assert child.returncode == -signal.SIGKILL, (k, child.stderr.decode())
+        assert not out.exists()
+        got = isofast.merge(
+            on_disk / "base", models, method, out=out, max_shard_bytes=3000, threads=1, resume=True
+        )
+        assert folder_bytes(got) == folder_bytes(want), f"killed at write {k} of {writes}"
+        assert leftovers(tmp_path, out) == [out.name]
+    reused = [r.getMessage() for r in caplog.records if "already written" in r.getMessage()]
+    assert any(" 0 shards" not in m for m in reused), "no kill left a shard to reuse"
+
+
+def test_resume_refuses_shards_of_other_settings_or_changed_files(
+    on_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An interrupted merge's shards are reused only by the same settings over the same
+    files; a corrupted shard is written again."""
+    models = [on_disk / f"ft{i}" for i in range(TASKS)]
+    out = tmp_path / "out"
+    real = core.merge_items
+    calls = 0
+
+    def interrupt_late(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    def interrupted_merge(alpha: float) -> Path:
+        nonlocal calls
+        calls = 0
+        monkeypatch.setattr(core, "merge_items", interrupt_late)
+        with pytest.raises(KeyboardInterrupt):
+            isofast.merge(
+                on_disk / "base",
+                models,
+                "iso_c",
+                alpha,
+                out=out,
+                max_shard_bytes=3000,
+                overwrite=True,
+            )
+        monkeypatch.setattr(core, "merge_items", real)
+        (kept,) = [name for name in leftovers(tmp_path, out) if name.startswith(".")]
+        return tmp_path / kept
+
+    def resumed(alpha: float) -> dict[str, bytes]:
+        return read(isofast.merge(on_disk / "base", models, "iso_c", alpha, out=out,
+                                  max_shard_bytes=3000, resume=True, overwrite=True))  # fmt: skip
+
+    want = read(isofast.merge(on_disk / "base", models, "iso_c", 0.5, out=tmp_path / "want"))
+    interrupted_merge(1.0)
+    assert resumed(0.5) == want  # other alpha: the kept shards are not reused
+    kept = interrupted_merge(0.5)
+    first = sorted(kept.glob("shard-*.partial"))[0]
+    blob = bytearray(first.read_bytes())
+    blob[-1] ^= 0xFF  # flip a bit of its data
+    first.write_bytes(bytes(blob))
+    assert resumed(0.5) == want
+
+
+def test_clean_removes_what_interrupted_merges_left(
+    on_disk: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(core, "merge_items", interrupted)
+    out = tmp_path / "out"
+    assert cli.main(merge_argv(on_disk, out)) == 130
+    assert len(leftovers(tmp_path, out)) == 1
+    assert cli.main(["clean", str(out), "-q"]) == 0
+    assert leftovers(tmp_path, out) == []
+
+
+def test_crc32c_matches_the_bitwise_definition() -> None:
+    """The journal's checksum: CRC-32C, hardware streams and table path alike, and it
+    continues across split buffers."""
+
+    def by_bits(data: bytes) -> int:
+        crc = 0xFFFFFFFF
+        for byte in data:
+            crc ^= byte
+            for _ in range(8):
+                crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
+        return crc ^ 0xFFFFFFFF
+
+    assert core.crc32c(b"123456789") == 0xE3069283  # the standard check value
+    blob = np.random.default_rng(fresh_seed()).bytes(3 * 8192 * 2 + 77)
+    for size in (0, 1, 7, 8, 9, 3 * 8192 - 1, 3 * 8192, len(blob)):
+        assert core.crc32c(blob[:size]) == by_bits(blob[:size]), size
+        cut = size // 3
+        assert core.crc32c(blob[cut:size], core.crc32c(blob[:cut])) == by_bits(blob[:size])

@@ -19,6 +19,7 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -34,6 +35,17 @@ import numpy.typing as npt
 from isofast.io.appender import Appender, open_appender, pwrite_all
 from isofast.io.dtypes import DTYPE_ITEMSIZE, dtype_str_for_numpy, is_compatible
 from isofast.io.errors import CheckpointError
+from isofast.io.journal import (
+    JOURNAL_NAME,
+    Journal,
+    ShardRecord,
+    crc32c,
+    crc_of_file,
+    leftover_folders,
+    read_journal,
+    remove_folder,
+    verified_prefix,
+)
 from isofast.io.safetensors_format import (
     METADATA_KEY,
     encode_header,
@@ -41,7 +53,9 @@ from isofast.io.safetensors_format import (
 )
 from isofast.io.side_files import SIDE_FILE_PATTERNS, copy_side_files, is_weight_file_name
 
-__all__ = ["INDEX_NAME", "SINGLE_NAME", "CheckpointWriter", "shard_name"]
+__all__ = ["INDEX_NAME", "SINGLE_NAME", "CheckpointWriter", "clean_leftovers", "shard_name"]
+
+log = logging.getLogger(__name__)
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -138,6 +152,20 @@ class _OutputLock:
         os.close(self.fd)
 
 
+def clean_leftovers(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """Remove what interrupted merges into `out_dir` left beside it (temporary folders kept
+    for resuming, half-published old outputs); refuses while a merge is writing it."""
+    out = Path(os.path.abspath(out_dir))
+    lock = _OutputLock(out)
+    try:
+        found = leftover_folders(out)
+        for folder in found:
+            remove_folder(folder, "asked to clean")
+        return found
+    finally:
+        lock.release()
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
@@ -186,6 +214,7 @@ class _Shard:
         self.entries: list[_Entry] = []
         self.data_bytes = 0
         self.header_bytes = 0
+        self.data_crc = 0
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             self.appender: Appender = open_appender(path, self.fd, self.data_start)
@@ -198,6 +227,7 @@ class _Shard:
         self.appender.append(data)
         self.data_bytes += len(data)
         self.entries.append(_Entry(name, dtype, shape, begin, self.data_bytes))
+        self.data_crc = crc32c(data, self.data_crc)  # for the journal (resume)
 
     def close(self, metadata: Mapping[str, str]) -> None:
         """Write the header, fsync, close. Rewrites the file if the header does not fit."""
@@ -234,6 +264,24 @@ class _Shard:
         finally:
             os.close(self.fd)
         os.replace(relayout, self.path)
+        self.data_start = 8 + size
+
+    def record(self, reserve: int) -> ShardRecord:
+        """The journal line of this closed shard."""
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            header_crc = crc_of_file(fd, 0, self.data_start)
+        finally:
+            os.close(fd)
+        return ShardRecord(
+            file=self.path.name,
+            size=self.data_start + self.data_bytes,
+            data_start=self.data_start,
+            header_crc=header_crc,
+            data_crc=self.data_crc,
+            entries=tuple((e.name, e.dtype, e.shape, e.begin, e.end) for e in self.entries),
+            reserve=reserve,
+        )
 
     def discard(self) -> None:
         self.appender.discard()
@@ -273,6 +321,8 @@ class CheckpointWriter:
         metadata: Mapping[str, str] | None = None,
         *,
         overwrite: bool = False,
+        fingerprint: str | None = None,
+        resume: bool = False,
     ) -> None:
         if max_shard_bytes <= 0:
             raise ValueError(f"max_shard_bytes must be positive, got {max_shard_bytes}")
@@ -285,24 +335,67 @@ class CheckpointWriter:
         self.overwrite = overwrite
         self._shard_metadata = {"format": "pt", **meta}
         self._index_metadata: dict[str, Any] = dict(meta)
+        self._reserve = self.initial_header_reserve
+        self._current: _Shard | None = None
+        self._done: list[ShardRecord] = []
+        self._names: set[str] = set()
+        self._total = 0
+        self._state = "open"  # open | broken | finalized | aborted
         self._check_target()
         with _writing(self.out_dir.parent):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             self._lock = _OutputLock(self.out_dir)
         try:
             with _writing(self.out_dir.parent):
-                self.tmp_dir = _mkdir_unique(
-                    self.out_dir.parent, f".{self.out_dir.name}.isofast-tmp-{os.getpid()}-"
-                )
+                self.tmp_dir = self._take_over_leftovers(fingerprint if resume else None)
+                self._journal = Journal(self.tmp_dir, fingerprint) if fingerprint else None
         except BaseException:
             self._lock.release()
             raise
-        self._reserve = self.initial_header_reserve
-        self._current: _Shard | None = None
-        self._done: list[_Shard] = []
-        self._names: set[str] = set()
-        self._total = 0
-        self._state = "open"  # open | broken | finalized | aborted
+
+    def _take_over_leftovers(self, fingerprint: str | None) -> Path:
+        """The temporary folder to write into: that of an interrupted merge with the same
+        `fingerprint` (its verified shards kept), else a new one. Other leftovers of merges
+        into this output are removed (the lock says no live merge owns them)."""
+        adopted: Path | None = None
+        for folder in leftover_folders(self.out_dir):
+            found = read_journal(folder) if fingerprint and adopted is None else None
+            if found is not None and found[0] == fingerprint and "-tmp-" in folder.name:
+                adopted = folder
+                continue
+            remove_folder(folder, "left by an interrupted merge")
+        if adopted is None:
+            if fingerprint is not None:
+                log.info("%s: no interrupted merge of these settings to resume", self.out_dir)
+            return _mkdir_unique(
+                self.out_dir.parent, f".{self.out_dir.name}.isofast-tmp-{os.getpid()}-"
+            )
+        fingerprint_and_records = read_journal(adopted)
+        assert fingerprint_and_records is not None
+        good = verified_prefix(adopted, fingerprint_and_records[1])
+        keep = {r.file for r in good} | {JOURNAL_NAME}
+        for path in adopted.iterdir():
+            if path.name not in keep:
+                path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
+        journal = adopted / JOURNAL_NAME
+        head = json.dumps({"fingerprint": fingerprint})
+        journal.write_text("".join(line + "\n" for line in [head, *(r.to_json() for r in good)]))
+        self._done = list(good)
+        self._names = {e[0] for r in good for e in r.entries}
+        self._total = sum(r.data_bytes for r in good)
+        self._reserve = good[-1].reserve if good else self._reserve
+        log.info(
+            "%s: resuming an interrupted merge: %d shards (%.1f MiB) already written",
+            self.out_dir,
+            len(good),
+            self._total / 2**20,
+        )
+        return adopted
+
+    @property
+    def resumed_names(self) -> frozenset[str]:
+        """Tensors already written by the interrupted merge this writer resumes."""
+        return frozenset(e[0] for r in self._done for e in r.entries)
 
     # -- state ------------------------------------------------------------------------
     @property
@@ -431,10 +524,18 @@ class CheckpointWriter:
         except BaseException:
             self._state = "broken"
             raise
-        self._done.append(shard)
         # Next shards reserve twice the largest header seen (rounded to a page).
         want = _round_up(8 + 2 * shard.header_bytes, _PAGE) - 8
         self._reserve = max(self._reserve, want)
+        try:
+            with _writing(shard.path):
+                record = shard.record(self._reserve)
+                if self._journal is not None:
+                    self._journal.record(record)
+        except BaseException:
+            self._state = "broken"
+            raise
+        self._done.append(record)
 
     # -- side files -------------------------------------------------------------------
     def copy_side_files(
@@ -488,15 +589,17 @@ class CheckpointWriter:
         if not self._done:  # no tensors: still a valid (empty) safetensors file
             self._open_shard()
             self._close_current()
+        if self._journal is not None:
+            self._journal.remove()
         count = len(self._done)
         if count == 1:
-            os.rename(self._done[0].path, self.tmp_dir / SINGLE_NAME)
+            os.rename(self.tmp_dir / self._done[0].file, self.tmp_dir / SINGLE_NAME)
         else:
             weight_map: dict[str, str] = {}
             for i, shard in enumerate(self._done, start=1):
                 final = shard_name(i, count)
-                os.rename(shard.path, self.tmp_dir / final)
-                weight_map.update((e.name, final) for e in shard.entries)
+                os.rename(self.tmp_dir / shard.file, self.tmp_dir / final)
+                weight_map.update((e[0], final) for e in shard.entries)
             index = {
                 "metadata": {**self._index_metadata, "total_size": self._total},
                 "weight_map": dict(sorted(weight_map.items())),
@@ -545,6 +648,23 @@ class CheckpointWriter:
         self._state = "aborted"
         self._lock.release()
 
+    def _keep_for_resume(self) -> None:
+        """Interrupted: publish nothing, but keep the finished shards and their journal so
+        that a merge with `resume` can reuse them."""
+        if self._current is not None:
+            self._current.discard()
+            with contextlib.suppress(OSError):
+                self._current.path.unlink()
+            self._current = None
+        self._state = "aborted"
+        self._lock.release()
+        log.warning(
+            "%s: interrupted; %d finished shards are kept in %s for --resume",
+            self.out_dir,
+            len(self._done),
+            self.tmp_dir,
+        )
+
     def __enter__(self) -> CheckpointWriter:
         return self
 
@@ -554,7 +674,9 @@ class CheckpointWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if exc_type is not None:
+        if exc_type is KeyboardInterrupt and self._journal is not None:
+            self._keep_for_resume()
+        elif exc_type is not None:
             self.abort()
         elif self._state == "open":
             try:
