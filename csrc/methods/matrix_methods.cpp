@@ -101,6 +101,29 @@ void iso_c_of_sum(Backend<T>& be, const MatrixProblem<T>& p, const Matrix<T>& su
           T(0), out, p.rows);
 }
 
+// Iso-C of a sum too ill-conditioned for its float64 Gram (cond > 1e6): the SVD in float64,
+// whatever T is. A float32 SVD there loses about cond * eps32 (a square sum of cond 3e5:
+// 2.4e-2 from float64, against 8e-3 for the float32 torch.linalg.svd loop); in float64 only
+// the rounding of the float32 sum itself remains.
+template <class T>
+void iso_c_of_sum_float64(const MatrixProblem<T>& p, const Matrix<T>& sum, double rank_tol,
+                          T* out) {
+  Matrix<double> work(sum.rows, sum.cols);
+  std::transform(sum.data.begin(), sum.data.end(), work.data.begin(),
+                 [](T v) { return static_cast<double>(v); });
+  Backend<double>& be = cpu_backend<double>();
+  ThinSvd<double> f = thin_svd(be, p.rows, p.cols, work.ptr(), work.ld());
+  const double smax = f.s.empty() ? 0.0 : f.s[0];
+  const double cut = smax * static_cast<double>(rank_cut_factor<T>(rank_tol, p.rows, p.cols));
+  const int q = count_above(f.s, static_cast<int>(f.s.size()), cut);
+  if (q == 0) return zero(p, out);
+  const double sigma_bar = std::accumulate(f.s.begin(), f.s.begin() + q, 0.0) / q;
+  be.gemm(false, false, p.rows, p.cols, q, sigma_bar, f.u.ptr(), f.u.ld(), f.vt.ptr(),
+          f.vt.ld(), 0.0, work.ptr(), work.ld());  // the input is spent: reuse it for M
+  std::transform(work.data.begin(), work.data.end(), out,
+                 [](double v) { return static_cast<T>(v); });
+}
+
 template <class T>
 void iso_c(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* out) {
   Matrix<T> sum = sum_of(p);
@@ -218,6 +241,59 @@ void write_product(Backend<T>& be, const Matrix<T>& l, const Matrix<T>& r, T sca
           l.rows);
 }
 
+// op(X) W S^-1, with X (n x m, leading dimension ldx) float32/64 and W, S from the float64
+// eigensolver (unrounded), computed in float64 blocks and rounded once: op(X) = X^T gives
+// m x k (transposed), X gives n x k. Singular vectors formed this way divide by small singular
+// values; in float32 that costs eps32 * sigma_max / sigma_j in column j, and a basis that far
+// from orthonormal leaks the common subspace into every task block (Iso-CTS on a 512 x 192
+// key of cond 1e5: 0.26 from float64, against 1.4e-3 for the float32 reference loop).
+template <class Out, class T>
+Matrix<Out> vectors_float64(const T* x, int n, int m, int ldx, bool transposed,
+                            const Matrix<double>& w, const std::vector<double>& sigma) {
+  Backend<double>& be = cpu_backend<double>();
+  constexpr int kBlock = 256;
+  const int k = w.cols;
+  Matrix<double> in(n, std::min(kBlock, m));
+  Matrix<double> res(transposed ? std::min(kBlock, m) : n, k);
+  Matrix<Out> out(transposed ? m : n, k);
+  for (int j0 = 0; j0 < m; j0 += kBlock) {  // column blocks of X are contiguous
+    const int b = std::min(kBlock, m - j0);
+    for (int j = 0; j < b; ++j)
+      std::transform(x + static_cast<size_t>(j0 + j) * ldx, x + static_cast<size_t>(j0 + j) * ldx + n,
+                     in.col(j), [](T a) { return static_cast<double>(a); });
+    if (transposed) {  // rows j0.. of X^T W
+      be.gemm(true, false, b, k, n, 1.0, in.ptr(), in.ld(), w.ptr(), w.ld(), 0.0, res.ptr(),
+              res.ld());
+      for (int c = 0; c < k; ++c)
+        for (int i = 0; i < b; ++i) out.col(c)[j0 + i] = static_cast<Out>(res.col(c)[i] / sigma[c]);
+    } else {  // X W accumulated over the blocks of X's columns and W's rows
+      be.gemm(false, false, n, k, b, 1.0, in.ptr(), in.ld(), w.ptr() + j0, w.ld(),
+              j0 == 0 ? 0.0 : 1.0, res.ptr(), res.ld());
+    }
+  }
+  if (!transposed)
+    for (int c = 0; c < k; ++c)
+      for (int i = 0; i < n; ++i) out.col(c)[i] = static_cast<Out>(res.col(c)[i] / sigma[c]);
+  return out;
+}
+
+template <class T>
+Matrix<T> rounded(const Matrix<double>& a) {
+  Matrix<T> out(a.rows, a.cols);
+  std::transform(a.data.begin(), a.data.end(), out.data.begin(),
+                 [](double v) { return static_cast<T>(v); });
+  return out;
+}
+
+template <class T>
+TopSingular<T> rounded(const TopSingular<double>& t) {
+  TopSingular<T> out{std::vector<T>(t.sigma.begin(), t.sigma.end()),
+                     Matrix<T>(t.vectors.rows, t.vectors.cols)};
+  std::transform(t.vectors.data.begin(), t.vectors.data.end(), out.vectors.data.begin(),
+                 [](double a) { return static_cast<T>(a); });
+  return out;
+}
+
 }  // namespace
 
 template <class T>
@@ -230,22 +306,24 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, do
   const bool wide = m <= n;  // D wide: its left basis U is square and U_perp exists
 
   // Common subspace from the float64 Gram of the sum's short side.
-  TopSingular<T> common = top_singular_from_gram<T>(gram64(sum.ptr(), n, m, n, wide), r);
+  const TopSingular<double> common64 =
+      top_singular_from_gram<double>(gram64(sum.ptr(), n, m, n, wide), r);
+  const TopSingular<T> common = rounded<T>(common64);
   const T smax = common.sigma.empty() ? T(0) : common.sigma[0];
   const T cut = smax * tol;
   const int kk = count_above(common.sigma, k, cut);
   std::vector<T> s_common(common.sigma.begin(), common.sigma.begin() + kk);
+  const std::vector<double> s64(common64.sigma.begin(), common64.sigma.begin() + kk);
   Matrix<T> uk, vk;  // m x kk, n x kk
+  Matrix<double> uk64;  // tall D: U_k before rounding
   if (wide) {
-    uk = first_columns(common.vectors, 0, kk);
-    vk = Matrix<T>(n, kk);  // V_k = D^T U_k / S_k = X U_k / S_k
-    be.gemm(false, false, n, kk, m, T(1), sum.ptr(), n, uk.ptr(), uk.ld(), T(0), vk.ptr(), vk.ld());
-    scale_columns(vk, s_common, true);
+    uk = first_columns(common.vectors, 0, kk);  // V_k = D^T U_k / S_k = X U_k / S_k
+    vk = vectors_float64<T>(sum.ptr(), n, m, n, false, first_columns(common64.vectors, 0, kk), s64);
   } else {
-    vk = first_columns(common.vectors, 0, kk);
-    uk = Matrix<T>(m, kk);  // U_k = D V_k / S_k = X^T V_k / S_k
-    be.gemm(true, false, m, kk, n, T(1), sum.ptr(), n, vk.ptr(), vk.ld(), T(0), uk.ptr(), uk.ld());
-    scale_columns(uk, s_common, true);
+    vk = first_columns(common.vectors, 0, kk);  // U_k = D V_k / S_k = X^T V_k / S_k
+    uk64 = vectors_float64<double>(sum.ptr(), n, m, n, true,
+                                   first_columns(common64.vectors, 0, kk), s64);
+    uk = rounded<T>(uk64);
   }
   std::vector<T>().swap(sum.data);  // the sum is not needed past the common subspace
 
@@ -260,14 +338,16 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, do
       Matrix<T> z(n, q);
       for (const T* x : p.deltas) {
         be.gemm(false, false, n, q, m, T(1), x, n, uperp.ptr(), uperp.ld(), T(0), z.ptr(), z.ld());
-        TopSingular<T> t = top_singular_from_gram<T>(gram64(z.ptr(), n, q, n, true), s);
+        const TopSingular<double> t64 =
+            top_singular_from_gram<double>(gram64(z.ptr(), n, q, n, true), s);
+        const TopSingular<T> t = rounded<T>(t64);
         const int keep = count_above(t.sigma, s, cut);
         Matrix<T> w = first_columns(t.vectors, 0, keep);
-        Matrix<T> v(n, keep);  // right vectors: Z w / sigma
-        be.gemm(false, false, n, keep, q, T(1), z.ptr(), z.ld(), w.ptr(), w.ld(), T(0), v.ptr(),
-                v.ld());
+        const std::vector<double> sig64(t64.sigma.begin(), t64.sigma.begin() + keep);
+        // right vectors: Z w / sigma
+        Matrix<T> v = vectors_float64<T>(z.ptr(), n, q, z.ld(), false,
+                                         first_columns(t64.vectors, 0, keep), sig64);
         std::vector<T> sig(t.sigma.begin(), t.sigma.begin() + keep);
-        scale_columns(v, sig, true);
         sigmas.insert(sigmas.end(), sig.begin(), sig.end());
         task_left.push_back(std::move(w));
         task_right.push_back(std::move(v));
@@ -283,23 +363,44 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, do
     } else {
       // Tall D: R_t explicitly (X layout: X_t - (X_t U_k) U_k^T), top-s right vectors from the
       // float64 Gram of its rows, left vectors R_t v / sigma.
+      // When the sum's spectrum falls far below sigma_max by the k-th direction, the task
+      // residuals are far smaller than the task matrices and forming them in float32 cancels
+      // away their accuracy (Iso-CTS, 240 x 96 key of cond 3e5: 7.6e-3 from float64 against
+      // 3.5e-3 for the float32 reference loop): form them in float64 there. Spectra of real
+      // task sums stay above that line and keep the float32 speed.
+      const bool precise = kk > 0 && !(s_common[kk - 1] > T(1e-3) * smax);
       Matrix<T> coeff(n, kk), residual(n, m);
+      Matrix<double> coeff64(precise ? n : 0, kk), residual64(precise ? n : 0, m);
       for (const T* x : p.deltas) {
-        std::copy(x, x + residual.data.size(), residual.data.begin());
-        if (kk > 0) {
-          be.gemm(false, false, n, kk, m, T(1), x, n, uk.ptr(), uk.ld(), T(0), coeff.ptr(),
-                  coeff.ld());
-          be.gemm(false, true, n, m, kk, T(-1), coeff.ptr(), coeff.ld(), uk.ptr(), uk.ld(), T(1),
-                  residual.ptr(), residual.ld());
+        if (precise) {
+          Backend<double>& be64 = cpu_backend<double>();
+          std::transform(x, x + residual64.data.size(), residual64.data.begin(),
+                         [](T a) { return static_cast<double>(a); });
+          be64.gemm(false, false, n, kk, m, 1.0, residual64.ptr(), n, uk64.ptr(), uk64.ld(), 0.0,
+                    coeff64.ptr(), coeff64.ld());
+          be64.gemm(false, true, n, m, kk, -1.0, coeff64.ptr(), coeff64.ld(), uk64.ptr(),
+                    uk64.ld(), 1.0, residual64.ptr(), residual64.ld());
+        } else {
+          std::copy(x, x + residual.data.size(), residual.data.begin());
+          if (kk > 0) {
+            be.gemm(false, false, n, kk, m, T(1), x, n, uk.ptr(), uk.ld(), T(0), coeff.ptr(),
+                    coeff.ld());
+            be.gemm(false, true, n, m, kk, T(-1), coeff.ptr(), coeff.ld(), uk.ptr(), uk.ld(),
+                    T(1), residual.ptr(), residual.ld());
+          }
         }
-        TopSingular<T> t = top_singular_from_gram<T>(gram64(residual.ptr(), n, m, n, false), s);
+        const TopSingular<double> t64 = top_singular_from_gram<double>(
+            precise ? gram64(residual64.ptr(), n, m, n, false)
+                    : gram64(residual.ptr(), n, m, n, false),
+            s);
+        const TopSingular<T> t = rounded<T>(t64);
         const int keep = count_above(t.sigma, s, cut);
         Matrix<T> v = first_columns(t.vectors, 0, keep);
-        Matrix<T> u(m, keep);
-        be.gemm(true, false, m, keep, n, T(1), residual.ptr(), n, v.ptr(), v.ld(), T(0), u.ptr(),
-                u.ld());
+        const std::vector<double> sig64(t64.sigma.begin(), t64.sigma.begin() + keep);
+        const Matrix<double> w = first_columns(t64.vectors, 0, keep);
+        Matrix<T> u = precise ? vectors_float64<T>(residual64.ptr(), n, m, n, true, w, sig64)
+                              : vectors_float64<T>(residual.ptr(), n, m, n, true, w, sig64);
         std::vector<T> sig(t.sigma.begin(), t.sigma.begin() + keep);
-        scale_columns(u, sig, true);
         sigmas.insert(sigmas.end(), sig.begin(), sig.end());
         task_left.push_back(std::move(u));
         task_right.push_back(std::move(v));
@@ -418,8 +519,8 @@ void iso_c_gram(Backend<T>& be, const MatrixProblem<T>& p, double rank_tol, T* o
   cpu_backend<double>().eigh_top(r, g.ptr(), g.ld(), r, w.data(), z.ptr(), z.ld());
   // Beyond cond 1e6 a float64 Gram no longer resolves the small directions to fp32 accuracy.
   if (!(w[0] > 0) || !(w[r - 1] > 1e-12 * w[0])) {
-    note_route("iso_c: sum too ill-conditioned for its Gram (cond > 1e6): SVD of the sum");
-    return iso_c_of_sum(be, p, sum, rank_tol, out);
+    note_route("iso_c: sum too ill-conditioned for its Gram (cond > 1e6): float64 SVD");
+    return iso_c_of_sum_float64(p, sum, rank_tol, out);
   }
   std::vector<T> sigma(static_cast<size_t>(r));
   for (int j = 0; j < r; ++j) sigma[j] = static_cast<T>(std::sqrt(std::max(w[j], 0.0)));
