@@ -4,8 +4,9 @@ torch.linalg.svd, and saves the result. ViT-B/32-shaped fp32 checkpoints, T fine
 
     python bench/bench_e2e.py --tasks 8 --method iso_c --threads 2
 
-Each side runs in its own child process (peak RSS from getrusage), twice, with a warm page
-cache (all input files are read once before timing). Prints a markdown table.
+Each side runs in its own child process (peak RSS from GNU time), twice, alternating, with a
+warm page cache (all input files are read once before timing). Prints a markdown table, with
+the command that produced it. Timing, rounds and statistics come from bench/harness.py.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+import harness
+from harness import ChildRun
 
 HERE = Path(__file__).resolve().parent
 
@@ -74,13 +76,6 @@ def warm(files: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def run_child(cmd: list[str], rss_file: Path) -> tuple[float, float]:
-    """(seconds, peak RSS in MiB) of one child process, RSS from GNU time."""
-    start = time.perf_counter()
-    subprocess.run(["/usr/bin/time", "-f", "%M", "-o", str(rss_file), *cmd], check=True)
-    return time.perf_counter() - start, int(rss_file.read_text().split()[-1]) / 1024
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--tasks", type=int, default=8)
@@ -96,23 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     size = sum(f.stat().st_size for f in files) / 2**30
     read_s = min(warm(files) for _ in range(2))
     work = args.dir / "out"
-    models = [str(p) for p in sorted(root.glob("task*"))]
-    iso_cmd = [
-        sys.executable,
-        "-m",
-        "isofast.cli",
-        "merge",
-        str(work / "iso"),
-        "--base",
-        str(root / "base"),
-        *[arg for m in models for arg in ("--model", m)],
-        "--method",
-        args.method,
-        "--threads",
-        str(args.threads),
-        "--quiet",
-        "--overwrite",
-    ]
+    iso_cmd = harness.isofast_merge_command(
+        work / "iso", root / "base", sorted(root.glob("task*")), args.method, args.threads
+    )
     ref_code = REFERENCE_CHILD.format(
         bench=str(HERE),
         threads=args.threads,
@@ -121,28 +102,45 @@ def main(argv: list[str] | None = None) -> None:
         out=str(work / "ref"),
     )
     ref_cmd = [sys.executable, "-c", ref_code]
-    times: dict[str, list[float]] = {"reference": [], "isofast": []}
-    rss: dict[str, float] = {}
     work.mkdir(parents=True, exist_ok=True)
-    for _ in range(args.repeats):
-        for side, cmd in (("reference", ref_cmd), ("isofast", iso_cmd)):
-            seconds, peak = run_child(cmd, work / f"{side}.rss")
-            times[side].append(seconds)
-            rss[side] = max(rss.get(side, 0.0), peak)
-    med = {k: statistics.median(v) for k, v in times.items()}
+    load0 = os.getloadavg()
+    runs = harness.alternate(
+        args.repeats,
+        {
+            "reference": lambda _: harness.run_child(ref_cmd, gnu_time=True),
+            "isofast": lambda _: harness.run_child(iso_cmd, gnu_time=True),
+        },
+    )
+    load1 = os.getloadavg()
+    print(f"Command: `{harness.command_line()}`")
+    print()
     print(
         f"inputs: {len(files)} files, {size:.2f} GiB, warm read {read_s:.2f} s; "
         f"method {args.method}, T = {args.tasks}, threads = {args.threads}, "
-        f"blocks = {args.blocks or 'all'}"
+        f"blocks = {args.blocks or 'all'}; {harness.machine_summary(load0, load1)}"
     )
     print()
-    print("| side | median s | runs | peak RSS MiB |")
-    print("|---|---|---|---|")
-    for side in ("reference", "isofast"):
-        runs = ", ".join(f"{t:.1f}" for t in times[side])
-        print(f"| {side} | {med[side]:.1f} | {runs} | {rss.get(side, float('nan')):.0f} |")
+    print(
+        harness.markdown_table(
+            ["side", "median s", "runs", "peak RSS MiB"], map(_row, runs.items())
+        )
+    )
     print()
-    print(f"speed ratio reference / isofast: {med['reference'] / med['isofast']:.2f}x")
+    seconds = {side: [r.seconds for r in side_runs] for side, side_runs in runs.items()}
+    ratio = harness.ratio_of_medians(seconds["reference"], seconds["isofast"])
+    print(f"speed ratio reference / isofast: {ratio:.2f}x")
+
+
+def _row(item: tuple[str, list[ChildRun]]) -> list[str]:
+    side, runs = item
+    seconds = harness.Spread.of(r.seconds for r in runs)
+    peak = max(r.max_rss or 0 for r in runs) / 2**20
+    return [
+        side,
+        f"{seconds.median:.1f}",
+        ", ".join(f"{r.seconds:.1f}" for r in runs),
+        f"{peak:.0f}",
+    ]
 
 
 if __name__ == "__main__":

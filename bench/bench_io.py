@@ -13,23 +13,31 @@ alone can exceed the read of a warm page cache.
     python bench/bench_io.py                       # full LLM set
     python bench/bench_io.py --layers 4 --tasks 2  # quick
 
-Prints a markdown table.
+Prints a markdown table, with the command that produced it. Timing, rounds and statistics
+come from bench/harness.py.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
-import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 from bench_memory import CheckpointSet, ensure_set, llama_shapes
+from harness import (
+    ChildRun,
+    Spread,
+    alternate,
+    command_line,
+    isofast_merge_command,
+    machine_summary,
+    markdown_table,
+    run_child,
+)
 
 MiB = 2**20
 
@@ -41,17 +49,9 @@ def input_files(folders: Sequence[Path]) -> list[Path]:
     return files
 
 
-def _children_cpu() -> float:
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime
-
-
-def time_cat(files: Sequence[Path]) -> tuple[float, float]:
+def time_cat(files: Sequence[Path]) -> ChildRun:
     """Wall and CPU (user + system) seconds of `cat files > /dev/null`."""
-    cpu, t0 = _children_cpu(), time.perf_counter()
-    with open("/dev/null", "wb") as null:
-        subprocess.run(["cat", *map(str, files)], stdout=null, check=True)
-    return time.perf_counter() - t0, _children_cpu() - cpu
+    return run_child(["cat", *map(str, files)], stdout="discard")
 
 
 def time_durable_write(folder: Path, nbytes: int, block: int = 64 * MiB) -> float:
@@ -75,26 +75,11 @@ def time_durable_write(folder: Path, nbytes: int, block: int = 64 * MiB) -> floa
 
 def time_merge(
     base: Path, models: Sequence[Path], out: Path, method: str, threads: int | None
-) -> tuple[float, float]:
+) -> ChildRun:
     """Wall and CPU (user + system) seconds of one `isofast merge` child."""
-    cmd = [sys.executable, "-m", "isofast.cli", "merge", str(out), "--base", str(base)]
-    for m in models:
-        cmd += ["--model", str(m)]
-    cmd += ["--method", method, "--quiet", "--overwrite"]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    for attempt in range(3):  # a child failing within seconds (package rebuilt under it)
-        cpu, t0 = _children_cpu(), time.perf_counter()
-        rc = subprocess.run(cmd).returncode
-        seconds, cpu = time.perf_counter() - t0, _children_cpu() - cpu
-        if rc == 0:
-            break
-        if seconds > 30 or attempt == 2:
-            raise RuntimeError(f"merge failed (exit {rc}): {' '.join(cmd)}")
-        print(f"  merge failed after {seconds:.1f} s (exit {rc}); retrying", file=sys.stderr)
-        time.sleep(60)
+    run = run_child(isofast_merge_command(out, base, models, method, threads), attempts=3)
     shutil.rmtree(out)
-    return seconds, cpu
+    return run
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -127,40 +112,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         time_merge(base, models, out, args.method, args.threads)
     load0 = os.getloadavg()
     out_bytes = sum(p.stat().st_size for p in input_files([base]))  # same dtypes as the base
-    cats: list[tuple[float, float]] = []
-    merges: list[tuple[float, float]] = []
+
+    cats: list[ChildRun] = []
+    merges: list[ChildRun] = []
     writes: list[float] = []
-    for i in range(args.repeats):
-        cats.append(time_cat(files))
-        merges.append(time_merge(base, models, out, args.method, args.threads))
-        writes.append(time_durable_write(root, out_bytes))
+
+    def after_round(index: int, _: object) -> None:
         print(
-            f"  round {i + 1}: cat {cats[-1][0]:.2f} s (cpu {cats[-1][1]:.2f}), "
-            f"merge {merges[-1][0]:.2f} s (cpu {merges[-1][1]:.2f}), "
+            f"  round {index + 1}: cat {cats[-1].seconds:.2f} s (cpu {cats[-1].cpu_seconds:.2f}), "
+            f"merge {merges[-1].seconds:.2f} s (cpu {merges[-1].cpu_seconds:.2f}), "
             f"durable write of {out_bytes / 2**30:.2f} GiB {writes[-1]:.2f} s",
             file=sys.stderr,
         )
+
+    sides = {
+        "cat": lambda _: cats.append(time_cat(files)),
+        "merge": lambda _: merges.append(time_merge(base, models, out, args.method, args.threads)),
+        "write": lambda _: writes.append(time_durable_write(root, out_bytes)),
+    }
+    alternate(args.repeats, sides, after_round)
     load1 = os.getloadavg()
     gib = total / 2**30
-    best_cat, best_merge = min(c[0] for c in cats), min(m[0] for m in merges)
-    med_cat = statistics.median(c[0] for c in cats)
-    med_merge = statistics.median(m[0] for m in merges)
-    med_write = statistics.median(writes)
+    cat_s, merge_s = Spread.of(c.seconds for c in cats), Spread.of(m.seconds for m in merges)
+    write_s = Spread.of(writes)
 
-    def runs(xs: Sequence[tuple[float, float]]) -> str:
-        return ", ".join(f"{w:.2f} (cpu {c:.2f})" for w, c in xs)
+    def runs(xs: Sequence[ChildRun]) -> str:
+        return ", ".join(f"{x.seconds:.2f} (cpu {x.cpu_seconds:.2f})" for x in xs)
 
+    header = [
+        "set",
+        "inputs (GiB)",
+        "method",
+        "cat runs, s",
+        "merge runs, s",
+        "best cat (GiB/s)",
+        "best merge (GiB/s of input)",
+        "merge / cat (median wall)",
+        "merge / cat (best wall)",
+        "durable write of the output, s",
+        "merge / (cat + durable write) (median)",
+    ]
+    row = [
+        f"{cs.label}, {args.layers} layers, base + {args.tasks}",
+        f"{gib:.2f}",
+        args.method,
+        runs(cats),
+        runs(merges),
+        f"{gib / cat_s.low:.2f}",
+        f"{gib / merge_s.low:.2f}",
+        f"{merge_s.median / cat_s.median:.2f}",
+        f"{merge_s.low / cat_s.low:.2f}",
+        ", ".join(f"{w:.2f}" for w in writes),
+        f"{merge_s.median / (cat_s.median + write_s.median):.2f}",
+    ]
+    print(f"Command: `{command_line()}`\n")
+    print(markdown_table(header, [row], right=(1, 5, 6, 7, 8, 10)))
     print(
-        "| set | inputs (GiB) | method | cat runs, s | merge runs, s | best cat (GiB/s) | "
-        "best merge (GiB/s of input) | merge / cat (median wall) | merge / cat (best wall) | "
-        "durable write of the output, s | merge / (cat + durable write) (median) |\n"
-        "| --- | ---: | --- | --- | --- | ---: | ---: | ---: | ---: | --- | ---: |\n"
-        f"| {cs.label}, {args.layers} layers, base + {args.tasks} | {gib:.2f} | {args.method} | "
-        f"{runs(cats)} | {runs(merges)} | {gib / best_cat:.2f} | {gib / best_merge:.2f} | "
-        f"{med_merge / med_cat:.2f} | {best_merge / best_cat:.2f} | "
-        f"{', '.join(f'{w:.2f}' for w in writes)} | {med_merge / (med_cat + med_write):.2f} |\n\n"
-        f"{os.cpu_count()} CPUs; load average {load0[0]:.1f} before, {load1[0]:.1f} after; "
-        f"merge threads: {args.threads or 'all'}"
+        f"\n{machine_summary(load0, load1)}; merge threads: {args.threads or 'all'}; "
+        f"{args.repeats} rounds of cat, merge, durable write, in that order"
     )
     return 0
 

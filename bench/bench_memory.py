@@ -22,7 +22,8 @@ pages of the memory-mapped inputs, which the kernel can drop at any time).
     python bench/bench_memory.py                          # full: ViT-L/14 x 20, LLM x 4
     python bench/bench_memory.py --blocks 2 --tasks 4 --llm-layers 2 --llm-tasks 2   # quick
 
-Prints a markdown table. Needs `/usr/bin/time` (apt-get install time).
+Prints a markdown table, with the command that produced it. Needs `/usr/bin/time` (apt-get
+install time). Child runs, GNU time and the /proc sampling come from bench/harness.py.
 """
 
 from __future__ import annotations
@@ -32,23 +33,28 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from harness import (
+    GNU_TIME,
+    ChildRun,
+    MiB,
+    command_line,
+    isofast_merge_command,
+    markdown_table,
+    run_child,
+)
 from shapes import get_model, tensor_shapes
 
 from isofast.io import INDEX_NAME, SINGLE_NAME, CheckpointWriter
 
-MiB = 2**20
 FIXED_MIB = 500
-TIME = "/usr/bin/time"
 MARKER = ".isofast-bench-complete"
 
 
@@ -189,50 +195,6 @@ def make_view(src: Path, dst: Path, keep: Callable[[str], bool]) -> Path:
 
 
 @dataclass
-class Sample:
-    rss_anon: int = 0
-    rss_file: int = 0
-    hwm: int = 0
-    samples: int = 0
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except OSError:
-        return []
-    return [int(x) for x in text.split()]
-
-
-def _status(pid: int) -> dict[str, int]:
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if value.strip().endswith("kB"):
-                out[key] = int(value.split()[0]) * 1024
-    except OSError:
-        pass
-    return out
-
-
-def _sample(time_pid: int, stop: threading.Event, result: Sample) -> None:
-    child = None
-    while not stop.is_set():
-        if child is None:
-            kids = _children(time_pid)
-            child = kids[0] if kids else None
-        if child is not None:
-            st = _status(child)
-            if st:
-                result.rss_anon = max(result.rss_anon, st.get("RssAnon", 0))
-                result.rss_file = max(result.rss_file, st.get("RssFile", 0))
-                result.hwm = max(result.hwm, st.get("VmHWM", 0))
-                result.samples += 1
-        stop.wait(0.02)
-
-
-@dataclass
 class Run:
     label: str
     layers: int
@@ -241,9 +203,11 @@ class Run:
     largest_fp32: int
     bound: int
     plan_peak: int
-    max_rss: int
-    sample: Sample = field(default_factory=Sample)
-    seconds: float = 0.0
+    child: ChildRun
+
+    @property
+    def max_rss(self) -> int:
+        return self.child.max_rss or 0
 
     @property
     def ok(self) -> bool:
@@ -251,55 +215,24 @@ class Run:
 
 
 def plan_peak(base: Path, models: Sequence[Path], method: str, threads: int | None) -> int:
-    from isofast.pipeline import MergeRequest
-    from isofast.planning import make_plan
+    """isofast's own estimate of the merge's peak memory (reads the headers only)."""
+    import isofast
 
-    req = MergeRequest(str(base), tuple(map(str, models)), method, threads=threads)
-    return make_plan(req).peak_bytes
+    plan = isofast.plan(str(base), [str(m) for m in models], method=method, threads=threads)
+    peak: int = plan.peak_bytes
+    return peak
 
 
 def measure(
-    base: Path,
-    models: Sequence[Path],
-    method: str,
-    out: Path,
-    threads: int | None,
-    log: Path,
-    attempts: int = 3,
-) -> tuple[int, Sample, float]:
-    """Peak RSS (bytes, /usr/bin/time -v) of one `isofast merge` child, the /proc samples,
-    and its wall time. A child that fails within seconds (e.g. the package is being rebuilt
-    under it) is retried after a pause."""
-    cmd = [TIME, "-v", "-o", str(log), sys.executable, "-m", "isofast.cli", "merge", str(out)]
-    cmd += ["--base", str(base)]
-    for m in models:
-        cmd += ["--model", str(m)]
-    cmd += ["--method", method, "--quiet", "--overwrite"]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    for attempt in range(attempts):
-        sample = Sample()
-        stop = threading.Event()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd)
-        sampler = threading.Thread(target=_sample, args=(proc.pid, stop, sample), daemon=True)
-        sampler.start()
-        rc = proc.wait()
-        seconds = time.perf_counter() - t0
-        stop.set()
-        sampler.join()
-        text = log.read_text()
-        if rc == 0:
-            break
-        if seconds > 30 or attempt + 1 == attempts:
-            raise RuntimeError(f"merge failed ({rc}): {' '.join(cmd)}\n{text}")
-        print(f"  merge failed after {seconds:.1f} s (exit {rc}); retrying", file=sys.stderr)
-        time.sleep(60)
-    found = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    if not found:
-        raise RuntimeError(f"no maximum RSS in {log}:\n{text}")
+    base: Path, models: Sequence[Path], method: str, out: Path, threads: int | None
+) -> ChildRun:
+    """One `isofast merge` child under `/usr/bin/time -v` (peak RSS), its /proc samples
+    (RssAnon / RssFile) and its wall time. A child that fails within seconds (e.g. the
+    package is being rebuilt under it) is retried after a pause."""
+    cmd = isofast_merge_command(out, base, models, method, threads)
+    run = run_child(cmd, gnu_time=True, sample_rss=True, attempts=3)
     shutil.rmtree(out, ignore_errors=True)
-    return int(found.group(1)) * 1024, sample, seconds
+    return run
 
 
 # ----------------------------------------------------------------------------- main
@@ -329,20 +262,18 @@ def _mib(n: int) -> str:
 
 
 def table(runs: Sequence[Run]) -> str:
-    lines = [
-        "| set | layers | T | method | largest tensor (fp32 MiB) | bound (MiB) | plan estimate "
-        "(MiB) | peak RSS (MiB) | peak RssAnon (MiB) | peak RssFile (MiB) | within bound | "
-        "wall (s) |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
-    ]
-    for r in runs:
-        lines.append(
-            f"| {r.label} | {r.layers} | {r.tasks} | {r.method} | {_mib(r.largest_fp32)} | "
-            f"{_mib(r.bound)} | {_mib(r.plan_peak)} | {_mib(r.max_rss)} | "
-            f"{_mib(r.sample.rss_anon)} | {_mib(r.sample.rss_file)} | "
-            f"{'yes' if r.ok else 'NO'} | {r.seconds:.0f} |"
-        )
-    return "\n".join(lines)
+    header = ["set", "layers", "T", "method", "largest tensor (fp32 MiB)", "bound (MiB)"]
+    header += ["plan estimate (MiB)", "peak RSS (MiB)", "peak RssAnon (MiB)"]
+    header += ["peak RssFile (MiB)", "within bound", "wall (s)"]
+    rows = [
+        [
+            r.label, r.layers, r.tasks, r.method, _mib(r.largest_fp32), _mib(r.bound),
+            _mib(r.plan_peak), _mib(r.max_rss), _mib(r.child.rss_anon), _mib(r.child.rss_file),
+            "yes" if r.ok else "NO", f"{r.child.seconds:.0f}",
+        ]
+        for r in runs
+    ]  # fmt: skip
+    return markdown_table(header, rows, right=(1, 2, 4, 5, 6, 7, 8, 9, 11))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -358,8 +289,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--no-half", action="store_true", help="skip the half-layer runs")
     ap.add_argument("--only-half", action="store_true", help="run the half-layer views only")
     args = ap.parse_args(argv)
-    if not os.path.exists(TIME):
-        print(f"{TIME} not found: apt-get install time", file=sys.stderr)
+    if not os.path.exists(GNU_TIME):
+        print(f"{GNU_TIME} not found: apt-get install time", file=sys.stderr)
         return 1
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -407,15 +338,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         for layers, b, ms in variants:
             for method in args.methods.split(","):
                 out = root / f"out-{cs.key}-{method}-{layers}"
-                log = root / f"time-{cs.key}-{method}-{layers}.txt"
                 estimate = plan_peak(b, ms, method, args.threads)
-                rss, sample, seconds = measure(b, ms, method, out, args.threads, log)
+                child = measure(b, ms, method, out, args.threads)
                 run = Run(
                     cs.label, layers, tasks, method, cs.largest_fp32_bytes,
-                    cs.bound_bytes(tasks), estimate, rss, sample, seconds,
+                    cs.bound_bytes(tasks), estimate, child,
                 )  # fmt: skip
                 runs.append(run)
                 print(table([run]).splitlines()[-1], file=sys.stderr, flush=True)
+    print(f"Command: `{command_line()}`\n")
     print(table(runs))
     return 0 if all(r.ok for r in runs) else 3
 

@@ -30,14 +30,10 @@ import hashlib
 import json
 import math
 import os
-import platform
-import shlex
-import statistics
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,8 +42,17 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import shapes as shp  # noqa: E402
+import synthetic_inputs  # noqa: E402
+from harness import (  # noqa: E402
+    PeakMemory,
+    Spread,
+    alternate,
+    command_line,
+    machine_summary,
+    markdown_table,
+    run_child,
+)
 
-GEN_VERSION = 1  # bump when bench/shapes.py changes the generated values
 RESULT_MARK = "@@RESULT@@ "
 METHODS = ("iso_cts", "tsv_m", "iso_c")
 OPENBLAS_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
@@ -55,46 +60,6 @@ QUICK = {"models": ["B/32"], "tasks": [8], "blocks": 1, "methods": list(METHODS)
 
 
 # ----------------------------------------------------------------------------- child side
-
-
-def _status_kib(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field_name} not in /proc/self/status")
-
-
-class PeakMemory:
-    """Peak RSS of this process from now on: VmHWM after a reset, or a sampling thread."""
-
-    def __init__(self) -> None:
-        self.base_kib = _status_kib("VmRSS")
-        self.method = "VmHWM after clear_refs"
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-        except OSError:
-            self.method = "VmRSS sampled every 2 ms"
-        self._peak = self.base_kib
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        if self.method.startswith("VmRSS"):
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self._peak = max(self._peak, _status_kib("VmRSS"))
-
-    def peak_delta_mib(self) -> float:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-            peak = self._peak
-        else:
-            peak = _status_kib("VmHWM")
-        return (peak - self.base_kib) / 1024.0
 
 
 def _blas_info() -> list[dict[str, Any]]:
@@ -165,18 +130,6 @@ def _git_head() -> str:
     return head + (" + uncommitted changes in csrc/ or isofast/" if dirty.strip() else "")
 
 
-def _load_inputs(input_dir: str, num_tasks: int, dtype: str) -> list[dict[str, Any]]:
-    import torch
-
-    tvs: list[dict[str, Any]] = []
-    for t in range(num_tasks):
-        tv = torch.load(Path(input_dir) / f"task{t}.pt", weights_only=True)
-        if dtype == "float64":
-            tv = {k: v.double() for k, v in tv.items()}
-        tvs.append(tv)
-    return tvs
-
-
 def child_run(spec: dict[str, Any]) -> dict[str, Any]:
     """One timed run of one side (spec["side"] is "ref" or "isofast")."""
     import torch
@@ -188,7 +141,7 @@ def child_run(spec: dict[str, Any]) -> dict[str, Any]:
         import isofast
     from reference_impl import apply_update, reference_update
 
-    tvs = _load_inputs(spec["inputs"], spec["tasks"], spec["dtype"])
+    tvs = synthetic_inputs.load_inputs(Path(spec["inputs"]), spec["tasks"], spec["dtype"])
     base = {k: torch.zeros_like(v) for k, v in tvs[0].items()}
     params: dict[str, Any] = {}
     if method == "iso_cts":
@@ -234,14 +187,9 @@ def child_generate(spec: dict[str, Any]) -> dict[str, Any]:
 
     torch.set_num_threads(int(spec["threads"]))
     t0 = time.perf_counter()
-    model = shp.get_model(spec["model"])
-    tvs = shp.make_task_vectors(model, spec["tasks"], spec["blocks"], spec["seed"])
-    out = Path(spec["inputs"])
-    out.mkdir(parents=True, exist_ok=True)
-    for t, tv in enumerate(tvs):
-        torch.save(tv, out / f"task{t}.pt.tmp")
-        os.replace(out / f"task{t}.pt.tmp", out / f"task{t}.pt")
-    (out / "done").write_text("ok\n")
+    synthetic_inputs.write_inputs(
+        Path(spec["inputs"]), spec["model"], spec["blocks"], spec["tasks"], spec["seed"]
+    )
     return {"seconds": time.perf_counter() - t0}
 
 
@@ -287,13 +235,10 @@ class Runner:
 
     def child(self, mode: str, spec: dict[str, Any]) -> dict[str, Any]:
         cmd = [sys.executable, str(Path(__file__).resolve()), f"--_child={mode}", json.dumps(spec)]
-        proc = subprocess.run(cmd, env=self.env, stdout=subprocess.PIPE, text=True)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_MARK)]
-        if proc.returncode != 0 or not lines:
-            raise RuntimeError(
-                f"child {mode} {spec.get('side', '')} failed "
-                f"(exit {proc.returncode}):\n{proc.stdout[-4000:]}"
-            )
+        stdout = run_child(cmd, stdout="capture", env=self.env).stdout
+        lines = [ln for ln in stdout.splitlines() if ln.startswith(RESULT_MARK)]
+        if not lines:
+            raise RuntimeError(f"child {mode} {spec.get('side', '')}: no result\n{stdout[-4000:]}")
         result: dict[str, Any] = json.loads(lines[-1][len(RESULT_MARK) :])
         return result
 
@@ -301,8 +246,8 @@ class Runner:
         print(text, file=sys.stderr, flush=True)
 
     def inputs(self, model: str, blocks: int, tasks: int) -> str:
-        tag = f"{model.replace('/', '')}-b{blocks}-T{tasks}-s{self.args.seed}-g{GEN_VERSION}"
-        path = self.cache / f"inputs-{tag}"
+        path = synthetic_inputs.inputs_dir(self.cache, model, blocks, tasks, self.args.seed)
+        tag = path.name.removeprefix("inputs-")
         if not (path / "done").exists():
             self.log(f"[gen] {tag}: generating synthetic task vectors into {path}")
             res = self.child(
@@ -370,28 +315,33 @@ class Runner:
         ref64: str | None = None
         if not self.args.skip_errors:
             ref64, row.ref64_seconds = self.reference64(inputs, tasks, method)
-        for rep in range(self.args.repeats):
-            compare = ref64 if rep == 0 else None
-            for side, runs in (("ref", row.ref), ("isofast", row.iso)):
+
+        def side(name: str) -> Callable[[int], dict[str, Any]]:
+            def run(index: int) -> dict[str, Any]:
+                compare = ref64 if index == 0 else None  # errors from the first round only
                 res = self.child(
-                    "run", self.spec(side, method, inputs, tasks, "float32", compare=compare)
+                    "run", self.spec(name, method, inputs, tasks, "float32", compare=compare)
                 )
-                runs.append(res)
                 self.log(
-                    f"[{model.name} b{n_blocks} T{tasks} {method}] {side:7s} "
-                    f"run {rep + 1}: {res['seconds']:7.2f} s wall, "
+                    f"[{model.name} b{n_blocks} T{tasks} {method}] {name:7s} "
+                    f"run {index + 1}: {res['seconds']:7.2f} s wall, "
                     f"{res['cpu_seconds']:7.2f} s cpu, "
                     f"peak +{res['peak_delta_mib']:.0f} MiB"
                 )
+                return res
+
+            return run
+
+        runs = alternate(self.args.repeats, {"ref": side("ref"), "isofast": side("isofast")})
+        row.ref, row.iso = runs["ref"], runs["isofast"]
         return row
 
 
 # ----------------------------------------------------------------------------- reporting
 
 
-def _median_spread(runs: Sequence[dict[str, Any]], key: str) -> tuple[float, float]:
-    values = [float(r[key]) for r in runs]
-    return statistics.median(values), max(values) - min(values)
+def _spread(runs: Sequence[dict[str, Any]], key: str) -> Spread:
+    return Spread.of(float(r[key]) for r in runs)
 
 
 def _fmt_err(run: dict[str, Any]) -> str:
@@ -435,17 +385,6 @@ def _torch_line() -> str:
     )
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def report(
     rows: Sequence[Row],
     runner: Runner,
@@ -461,9 +400,8 @@ def report(
     out = [
         f"### bench_methods: {time.strftime('%Y-%m-%d %H:%M:%S')}",
         "",
-        f"- command: `python bench/{Path(argv[0]).name} {shlex.join(argv[1:])}`",
-        f"- machine: {_cpu_name()}, {os.cpu_count()} CPUs visible, "
-        f"load average {load[0][0]:.1f} at start, {load[1][0]:.1f} at end; total {wall:.0f} s",
+        f"- command: `{command_line(argv)}`",
+        f"- machine: {machine_summary(*load)}; total {wall:.0f} s",
         f"- reference: {_torch_line()}, torch.set_num_threads({runner.args.threads})",
         f"- isofast {isofast.__version__}: {_openblas_line(iso_runs)}, "
         f"threads={runner.args.threads}"
@@ -495,20 +433,18 @@ def report(
     ]
     if subset:
         head += ["ref s, full model (est.)", "isofast s, full model (est.)"]
-    out.append("| " + " | ".join(head) + " |")
-    out.append("|" + " --- |" * len(head))
+    table: list[list[str]] = []
     for row in rows:
-        ref_s, ref_sp = _median_spread(row.ref, "seconds")
-        iso_s, iso_sp = _median_spread(row.iso, "seconds")
-        ref_cpu, _ = _median_spread(row.ref, "cpu_seconds")
-        iso_cpu, _ = _median_spread(row.iso, "cpu_seconds")
+        ref, iso = _spread(row.ref, "seconds"), _spread(row.iso, "seconds")
+        ref_cpu, iso_cpu = _spread(row.ref, "cpu_seconds"), _spread(row.iso, "cpu_seconds")
+        ref_s, iso_s = ref.median, iso.median
         cells = [
             row.model,
             f"{row.blocks}/{row.full_blocks}",
             str(row.tasks),
             row.method,
-            f"{ref_s:.2f} ± {ref_sp:.2f} (cpu {ref_cpu:.1f})",
-            f"{iso_s:.2f} ± {iso_sp:.2f} (cpu {iso_cpu:.1f})",
+            f"{ref_s:.2f} ± {ref.spread:.2f} (cpu {ref_cpu.median:.1f})",
+            f"{iso_s:.2f} ± {iso.spread:.2f} (cpu {iso_cpu.median:.1f})",
             f"{ref_s / iso_s:.2f}x",
             f"{max(r['peak_delta_mib'] for r in row.ref):.0f}",
             f"{max(r['peak_delta_mib'] for r in row.iso):.0f}",
@@ -518,7 +454,8 @@ def report(
         ]
         if subset:
             cells += [f"{ref_s * row.cost_scale:.0f}", f"{iso_s * row.cost_scale:.0f}"]
-        out.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
+    out.append(markdown_table(head, table))
     if subset:
         out += [
             "",
@@ -577,7 +514,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--out", default=None, help="append the markdown report to this file")
     parser.add_argument(
         "--cache-dir",
-        default=os.environ.get("ISOFAST_BENCH_CACHE", "/tmp/isofast-bench-cache"),
+        default=synthetic_inputs.DEFAULT_CACHE,
         help="synthetic inputs and float64 reference outputs are cached here",
     )
     parser.add_argument(

@@ -12,7 +12,6 @@ table. Loading the inputs is part of the process, so it shows up (Python, torch,
 from __future__ import annotations
 
 import collections
-import os
 import re
 import subprocess
 import sys
@@ -35,13 +34,13 @@ LINE = re.compile(r"\s+([0-9.]+)%\s+(\S+)\s+\[.\]\s+(.*)")
 
 
 def run(method: str, blocks: int, tasks: int) -> None:
+    import synthetic_inputs as inputs
     import torch
 
     import isofast
 
-    cache = os.environ.get("ISOFAST_BENCH_CACHE", "/tmp/isofast-bench-cache")
-    folder = f"{cache}/inputs-B32-b{blocks}-T{tasks}-s0-g1"
-    vectors = [torch.load(f"{folder}/task{t}.pt", weights_only=True) for t in range(tasks)]
+    folder = inputs.inputs_dir(inputs.DEFAULT_CACHE, "B/32", blocks, tasks)
+    vectors = inputs.load_inputs(folder, tasks)
     base = {k: torch.zeros_like(v) for k, v in vectors[0].items()}
     isofast.merge(base, vectors, method, 1.0, threads=2)
 

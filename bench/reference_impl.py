@@ -1,6 +1,6 @@
 """The published reference merging loops, re-implemented in PyTorch for benchmarking.
 
-Written from /work/shared/docs/ALGORITHMS.md (and the Iso-CTS size rule of docs/CONTRACT.md),
+Written from docs/ALGORITHMS.md (and the Iso-CTS size rule of docs/CONTRACT.md),
 not from anyone's code. The point is to cost what the reference implementations do, so the
 structure is theirs, not the fastest one:
 
@@ -18,7 +18,7 @@ fp32" run, float64 inputs the float64 ground truth used for error measurements.
 
 Each `reference_*` function returns the merged update M per key; the merged weights are
 theta = theta0 + alpha * M (`apply_update`). These functions are for full-rank inputs (the
-reference flattens zero singular values too; see ALGORITHMS.md, Iso-C note).
+reference flattens zero singular values too; see docs/ALGORITHMS.md, Iso-C note).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def is_matrix_key(name: str, tensor: torch.Tensor, exclude: Sequence[str]) -> bo
 
 
 def iso_cts_sizes(r: int, num_tasks: int, common_space_fraction: float = 0.8) -> tuple[int, int]:
-    """(k, s): common-subspace size and per-task size (ALGORITHMS.md step 1, CONTRACT.md)."""
+    """(k, s): common and per-task sizes (docs/ALGORITHMS.md step 1, docs/CONTRACT.md)."""
     k0 = math.floor(common_space_fraction * r)
     total_task_specific = round((r - k0) / num_tasks) * num_tasks  # round(): halves to even
     if total_task_specific > r:
@@ -101,7 +101,7 @@ def iso_c_matrix(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 def iso_cts_matrix(
     tensors: Sequence[torch.Tensor], common_space_fraction: float = 0.8
 ) -> torch.Tensor:
-    """Iso-CTS on one 2-D key (ALGORITHMS.md steps 1-7), reference-style."""
+    """Iso-CTS on one 2-D key (docs/ALGORITHMS.md steps 1-7), reference-style."""
     num_tasks = len(tensors)
     m, n = tensors[0].shape
     k, s = iso_cts_sizes(min(m, n), num_tasks, common_space_fraction)
