@@ -89,21 +89,41 @@ def _open_file(path: Path, allow_pickle: bool) -> _TensorFile:
     raise CheckpointError(f"{path}: not a safetensors file or a torch checkpoint")
 
 
+def _encodable(text: str) -> bool:
+    """Whether `text` can be written out as UTF-8 (JSON's \\ud800 escapes decode to lone
+    surrogates, which no file name or safetensors header may hold)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _read_index(index: Path) -> dict[str, str]:
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
+        text = index.read_bytes()
     except OSError as e:
         raise CheckpointError(f"{index}: cannot read: {e.strerror or e}") from e
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{index}: not valid JSON: {e}") from e
+    try:
+        doc = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, absurd nesting or numbers
+        raise CheckpointError(f"{index}: not valid JSON: {e}") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: no 'weight_map' object")
     for name, shard in weight_map.items():
+        if not _encodable(name):
+            raise CheckpointError(f"{index}: tensor name {name!r} is not valid Unicode")
         if not isinstance(shard, str) or not shard:
             raise CheckpointError(f"{index}: tensor {name!r} maps to {shard!r}, not a file name")
         parts = PurePosixPath(shard).parts
-        if PurePosixPath(shard).is_absolute() or ".." in parts or "\\" in shard:
+        if (
+            PurePosixPath(shard).is_absolute()
+            or ".." in parts
+            or "\\" in shard
+            or "\0" in shard
+            or not _encodable(shard)
+        ):
             raise CheckpointError(
                 f"{index}: tensor {name!r} maps to {shard!r}, which is not a plain relative "
                 "file name inside the checkpoint folder"
@@ -160,7 +180,14 @@ class CheckpointReader:
         for shard in sorted(by_shard):
             wanted = by_shard[shard]
             shard_path = index.parent / shard
-            if not shard_path.is_file():
+            try:
+                is_file = shard_path.is_file()
+            except OSError as e:  # e.g. a name too long for the file system
+                raise CheckpointError(
+                    f"{index}: shard {shard!r} (holding {wanted[0]!r}): cannot open: "
+                    f"{e.strerror or e}"
+                ) from None
+            if not is_file:
                 others = f" and {len(wanted) - 1} more" if len(wanted) > 1 else ""
                 raise CheckpointError(
                     f"{index}: shard {shard!r} (holding {wanted[0]!r}{others}) is missing: "

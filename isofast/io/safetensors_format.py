@@ -3,16 +3,24 @@
 Layout: an 8-byte little-endian header length N, N bytes of JSON (may be trailed by
 spaces), then the data section. The header maps each tensor name to
 {"dtype", "shape", "data_offsets": [begin, end]} (offsets relative to the data section)
-and may hold a "__metadata__" map of strings.
+and may hold a "__metadata__" map of strings. The data ranges, sorted, tile the data section
+exactly: no overlap, no gap, no bytes after the last tensor.
+
+The reader accepts no file the safetensors library refuses (tests/test_malformed.py and
+tests/test_fuzz.py check this against the library); it is stricter in a few places: a
+header must start with '{' (as the format says), keys may not repeat, sub-byte dtypes are
+not supported.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import mmap
 import os
+import reprlib
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -53,32 +61,116 @@ def is_safetensors_file(path: Path) -> bool:
     return 2 <= n <= MAX_HEADER_BYTES and head[8:9] == b"{"
 
 
-def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _DuplicateKey(key)
-        out[key] = value
-    return out
+# The safetensors library (serde_json, usize fields) refuses what these mirror: numbers that
+# do not fit a 64-bit size, JSON nested deeper than its recursion limit allows, NaN/Infinity
+# literals, lone UTF-16 surrogates. A file it refuses must not be accepted here.
+_U64_MAX = 2**64 - 1
+_I64_MAX = 2**63 - 1
+_MAX_DEPTH = 127  # deepest nesting of objects/arrays serde_json accepts in a header
+_F64_MAX = float.fromhex("0x1.fffffffffffffp+1023")
 
 
-class _DuplicateKey(Exception):
-    def __init__(self, key: str) -> None:
-        super().__init__(key)
-        self.key = key
+class _JsonRefused(Exception):
+    """Raised from the JSON hooks for what serde_json refuses and Python's json accepts."""
 
 
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+class _Object(dict[str, Any]):
+    """A JSON object that remembers the keys it saw more than once (the last value wins)."""
+
+    __slots__ = ("dups",)
+
+    def __init__(self, pairs: list[tuple[str, Any]]) -> None:
+        super().__init__(pairs)
+        self.dups: list[str] = []
+        if len(self) != len(pairs):
+            seen: set[str] = set()
+            for key, _ in pairs:
+                if key in seen and key not in self.dups:
+                    self.dups.append(key)
+                seen.add(key)
 
 
-def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
+def _parse_int(text: str) -> int | float:
+    if text == "-0":
+        return -0.0  # serde_json reads "-0" as a float: not a size
+    try:
+        value = int(text)
+    except ValueError:  # more digits than Python converts: far past f64 too
+        raise _JsonRefused(f"number {text[:24]}... is out of range") from None
+    if value > _U64_MAX or value < -(2**63):
+        # serde_json falls back to f64 for integers past 64 bits; past f64 it refuses.
+        try:
+            float(value)
+        except OverflowError:
+            raise _JsonRefused(f"number {text[:24]}... is out of range") from None
+    return value
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if abs(value) > _F64_MAX:
+        raise _JsonRefused(f"number {text[:24]} is out of range")
+    return value
+
+
+def _parse_constant(text: str) -> float:
+    raise _JsonRefused(f"{text} is not JSON")
+
+
+def _decode_json(raw: bytes) -> Any:
+    """Strict JSON: what Python's json and serde_json both accept (raises ValueError)."""
+    return json.loads(
+        raw.decode("utf-8"),
+        object_pairs_hook=_Object,
+        parse_int=_parse_int,
+        parse_float=_parse_float,
+        parse_constant=_parse_constant,
+    )
+
+
+def _check_string(s: str, where: str) -> None:
+    if not s.isascii():
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError:
+            raise CheckpointError(
+                f"{where}: string {_short(s)} holds a lone UTF-16 surrogate"
+            ) from None
+
+
+def _check_json(value: Any, depth: int, where: str) -> None:
+    """Nesting depth and strings of a decoded JSON value (serde_json's limits)."""
+    if isinstance(value, str):
+        _check_string(value, where)
+    elif isinstance(value, (dict, list)):
+        if depth > _MAX_DEPTH:
+            raise CheckpointError(f"{where}: JSON nested deeper than {_MAX_DEPTH} levels")
+        if isinstance(value, _Object) and value.dups:
+            raise CheckpointError(f"{where}: key {value.dups[0]!r} appears twice in one object")
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str):
+                _check_string(key, where)
+            _check_json(item, depth + 1, where)
+
+
+def _is_size(x: object) -> bool:
+    """A JSON number the format reads as a size (u64)."""
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _U64_MAX
+
+
+def _parse_entry(path: Path, name: str, entry: object) -> tuple[TensorInfo, int, int]:
+    """A header entry as (info without offset, begin, end) relative to the data section."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(entry, dict):
         raise CheckpointError(f"{where}: header entry is {type(entry).__name__}, not an object")
+    if isinstance(entry, _Object) and entry.dups:
+        raise CheckpointError(f"{where}: header entry has key {entry.dups[0]!r} twice")
     missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
     if missing:
         raise CheckpointError(f"{where}: header entry lacks {', '.join(missing)}")
+    # Keys besides these are allowed (and ignored), but must be JSON the library reads.
+    _check_json(entry, 2, where)
     dtype = entry["dtype"]
     if not isinstance(dtype, str):
         raise CheckpointError(f"{where}: dtype {dtype!r} is not a string")
@@ -88,41 +180,83 @@ def _parse_entry(path: Path, name: str, entry: object, data_start: int) -> Tenso
         known = ", ".join(sorted(DTYPE_ITEMSIZE))
         raise CheckpointError(f"{where}: unknown dtype {dtype!r} (known: {known})")
     shape = entry["shape"]
-    if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
-        raise CheckpointError(f"{where}: shape {shape!r} is not a list of non-negative ints")
+    if not isinstance(shape, list) or not all(_is_size(d) for d in shape):
+        raise CheckpointError(
+            f"{where}: shape {_short(shape)} is not a list of non-negative 64-bit ints"
+        )
+    # Sizes in Python ints (no overflow, nothing allocated), refused where the library's
+    # checked 64-bit arithmetic overflows: element count left to right, then bits.
+    numel = 1
+    for d in shape:
+        numel *= d
+        if numel > _U64_MAX:
+            raise CheckpointError(
+                f"{where}: shape {_short(shape)} has more elements than a 64-bit count holds"
+            )
+    itemsize = DTYPE_ITEMSIZE[dtype]
+    if numel * itemsize * 8 > _U64_MAX:
+        raise CheckpointError(
+            f"{where}: shape {_short(shape)} of {dtype} is too large (over 2**64 bits)"
+        )
+    # Stricter than the format: numpy and torch compute strides in signed 64 bits, so a shape
+    # whose nonzero dimensions multiply past that (legal when another dimension is 0) can be
+    # no array.
+    if math.prod(d for d in shape if d) * itemsize > _I64_MAX:
+        raise CheckpointError(
+            f"{where}: shape {_short(shape)} of {dtype} cannot be an array (its nonzero "
+            "dimensions span more than 2**63 bytes)"
+        )
     offsets = entry["data_offsets"]
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(_is_int(o) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
+        or not all(_is_size(o) for o in offsets)
+        or offsets[0] > offsets[1]
     ):
         raise CheckpointError(
-            f"{where}: data_offsets {offsets!r} is not a pair [begin, end] with 0 <= begin <= end"
+            f"{where}: data_offsets {_short(offsets)} is not a pair [begin, end] with "
+            "0 <= begin <= end"
         )
     begin, end = offsets
-    nbytes = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
+    nbytes = numel * itemsize
     if end - begin != nbytes:
         raise CheckpointError(
             f"{where}: data_offsets [{begin}, {end}) span {end - begin} bytes but "
             f"{dtype}{list(shape)} needs {nbytes}"
         )
-    return TensorInfo(
-        name=name,
-        shape=tuple(shape),
-        dtype=dtype,
-        nbytes=nbytes,
-        file=path,
-        offset=data_start + begin,
-    )
+    info = TensorInfo(name=name, shape=tuple(shape), dtype=dtype, nbytes=nbytes, file=path)
+    return info, begin, end
+
+
+def _parse_metadata(path: Path, entry: object) -> dict[str, str]:
+    if entry is None:  # the library reads null as "no metadata"
+        return {}
+    if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+        raise CheckpointError(f"{path}: {METADATA_KEY} is not a map of strings")
+    if isinstance(entry, _Object) and entry.dups:
+        raise CheckpointError(f"{path}: {METADATA_KEY} has key {entry.dups[0]!r} twice")
+    _check_json(entry, 2, f"{path}: {METADATA_KEY}")
+    return dict(entry)
+
+
+# Values quoted in messages: a header may hold a shape of a million dims or a 1 MB string.
+_SHORT = reprlib.Repr()
+_SHORT.maxlist = _SHORT.maxdict = 8
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlong = 40
+
+
+def _short(value: object) -> str:
+    return _SHORT.repr(value)
 
 
 class SafetensorsFile:
     """A validated, memory-mapped safetensors file.
 
     The header is read and checked at construction (dtypes known, offsets consistent with
-    shapes, inside the file and not overlapping); tensor data is only touched by `get`,
-    which returns read-only numpy views into the mapping.
+    shapes, the data ranges tiling the data section exactly); tensor data is only touched by
+    `get`, which returns read-only numpy views into the mapping. Every error is a
+    `CheckpointError` that names the file and, where one is involved, the tensor.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -165,50 +299,68 @@ class SafetensorsFile:
                 "(file truncated?)"
             )
         raw = f.read(n)
+        if len(raw) != n:
+            raise CheckpointError(f"{path}: header ends early (file truncated while reading?)")
+        # The format: the header starts with '{' (it may be padded with trailing spaces).
         if not raw.startswith(b"{"):
             raise CheckpointError(f"{path}: header does not start with '{{'; not safetensors")
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicate_keys)
-        except _DuplicateKey as e:
-            raise CheckpointError(f"{path}: header names tensor {e.key!r} twice") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {e}") from e
+            header = _decode_json(raw)
+        except (_JsonRefused, ValueError, RecursionError) as e:  # also UnicodeDecodeError
+            raise CheckpointError(f"{path}: header is not valid UTF-8 JSON: {e}") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{path}: header is not a JSON object")
+        if isinstance(header, _Object) and header.dups:
+            what = header.dups[0]
+            if what == METADATA_KEY:
+                raise CheckpointError(f"{path}: header has {METADATA_KEY} twice")
+            raise CheckpointError(f"{path}: header names tensor {what!r} twice")
 
         data_start = 8 + n
         data_size = size - data_start
         metadata: dict[str, str] = {}
-        infos: list[TensorInfo] = []
+        spans: list[tuple[int, int, TensorInfo]] = []
         for name, entry in header.items():
+            _check_string(name, f"{path}: tensor name")
             if name == METADATA_KEY:
-                if not isinstance(entry, dict) or not all(
-                    isinstance(v, str) for v in entry.values()
-                ):
-                    raise CheckpointError(f"{path}: {METADATA_KEY} is not a map of strings")
-                metadata = dict(entry)
+                metadata = _parse_metadata(path, entry)
                 continue
-            infos.append(_parse_entry(path, name, entry, data_start))
+            info, begin, end = _parse_entry(path, name, entry)
+            spans.append((begin, end, info))
 
-        infos.sort(key=lambda t: (t.offset or 0, t.nbytes))
-        prev: TensorInfo | None = None
-        for info in infos:
-            begin = (info.offset or 0) - data_start
-            end = begin + info.nbytes
+        # The format: the data ranges, sorted, tile the data section exactly: no overlap, no
+        # gap, nothing after the last one (the safetensors library checks all three).
+        spans.sort(key=lambda span: (span[0], span[1]))
+        cursor, prev = 0, None
+        for begin, end, info in spans:
+            where = f"{path}: tensor {info.name!r}: data_offsets [{begin}, {end})"
+            if begin < cursor:
+                raise CheckpointError(f"{where} overlap tensor {prev!r}, which ends at {cursor}")
             if end > data_size:
                 raise CheckpointError(
-                    f"{path}: tensor {info.name!r}: data_offsets [{begin}, {end}) run past the "
-                    f"end of the data section ({data_size} bytes; file truncated?)"
+                    f"{where} run past the end of the data section ({data_size} bytes; "
+                    "file truncated?)"
                 )
-            if info.nbytes == 0:
-                continue
-            if prev is not None and begin < (prev.offset or 0) - data_start + prev.nbytes:
+            if begin > cursor:
+                after = "the start of the data" if prev is None else f"the end of tensor {prev!r}"
                 raise CheckpointError(
-                    f"{path}: tensor {info.name!r}: data_offsets [{begin}, {end}) overlap "
-                    f"tensor {prev.name!r}"
+                    f"{where} leave a gap of {begin - cursor} bytes after {after}; "
+                    "tensor data must be contiguous"
                 )
-            prev = info
-        return {t.name: t for t in infos}, metadata, data_start
+            cursor, prev = end, info.name
+        if cursor != data_size:
+            last = (
+                "the header lists no data" if prev is None else f"tensor {prev!r} ends at {cursor}"
+            )
+            raise CheckpointError(
+                f"{path}: {data_size - cursor} bytes follow the last tensor's data ({last}, "
+                f"the data section holds {data_size} bytes); corrupt, or data appended"
+            )
+        infos = {
+            info.name: dataclasses.replace(info, offset=data_start + begin)
+            for begin, _, info in spans
+        }
+        return infos, metadata, data_start
 
     # -- queries (headers only) -------------------------------------------------------
     def names(self) -> list[str]:
