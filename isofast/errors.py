@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = 80
+_SHORT.maxlevel = 3
+
+
+def short(value: Any) -> str:
+    """A value quoted in an error message, cut short: configs may hold huge or deeply shared
+    structures (YAML aliases), which a plain repr would spell out in full."""
+    return _SHORT.repr(value)
+
 
 class IsofastError(Exception):
     """Base class of every isofast-specific error."""

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from isofast.errors import MergeInputError
+from isofast.errors import MergeInputError, short
 
 Kind = Literal["elementwise", "matrix"]
 
@@ -39,12 +39,14 @@ class TiesParams(Params):
     merge: Literal["mean", "sum"] = "mean"
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.density <= 1.0, f"density must be in [0, 1], got {self.density}")
+        _check(0.0 <= self.density <= 1.0, f"density must be in [0, 1], got {short(self.density)}")
         _check(
             self.trim in ("global", "tensor"),
-            f"trim must be 'global' or 'tensor', got {self.trim!r}",
+            f"trim must be 'global' or 'tensor', got {short(self.trim)}",
         )
-        _check(self.merge in ("mean", "sum"), f"merge must be 'mean' or 'sum', got {self.merge!r}")
+        _check(
+            self.merge in ("mean", "sum"), f"merge must be 'mean' or 'sum', got {short(self.merge)}"
+        )
 
     def core_options(self) -> dict[str, Any]:
         return {
@@ -55,7 +57,7 @@ class TiesParams(Params):
 
 
 def _check_drop_rate(p: float) -> None:
-    _check(0.0 <= p < 1.0, f"drop_rate must be in [0, 1), got {p}")
+    _check(0.0 <= p < 1.0, f"drop_rate must be in [0, 1), got {short(p)}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,11 +92,13 @@ class ConsensusParams(TiesParams):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check(math.isfinite(self.lam) and self.lam >= 0, f"lam must be >= 0, got {self.lam}")
-        _check(self.min_agree >= 0, f"min_agree must be >= 0, got {self.min_agree}")
+        _check(
+            math.isfinite(self.lam) and self.lam >= 0, f"lam must be >= 0, got {short(self.lam)}"
+        )
+        _check(self.min_agree >= 0, f"min_agree must be >= 0, got {short(self.min_agree)}")
         _check(
             self.apply_to in ("ta", "ties"),
-            f"apply_to must be 'ta' or 'ties', got {self.apply_to!r}",
+            f"apply_to must be 'ta' or 'ties', got {short(self.apply_to)}",
         )
 
     def core_options(self) -> dict[str, Any]:
@@ -113,7 +117,8 @@ class RankParams(Params):
     def __post_init__(self) -> None:
         tol = self.rank_tol
         _check(
-            tol is None or (math.isfinite(tol) and tol >= 0), f"rank_tol must be >= 0, got {tol}"
+            tol is None or (math.isfinite(tol) and tol >= 0),
+            f"rank_tol must be >= 0, got {short(tol)}",
         )
 
     def core_options(self) -> dict[str, Any]:
@@ -127,7 +132,7 @@ class IsoCtsParams(RankParams):
     def __post_init__(self) -> None:
         super().__post_init__()
         f = self.common_space_fraction
-        _check(0.0 <= f <= 1.0, f"common_space_fraction must be in [0, 1], got {f}")
+        _check(0.0 <= f <= 1.0, f"common_space_fraction must be in [0, 1], got {short(f)}")
 
     def core_options(self) -> dict[str, Any]:
         return {**super().core_options(), "common_space_fraction": self.common_space_fraction}
@@ -265,7 +270,7 @@ def get_method(name: str) -> MethodSpec:
         return METHODS[name]
     except KeyError:
         valid = ", ".join(s.name for s in _METHODS)
-        raise MergeInputError(f"unknown merge method {name!r}; available: {valid}") from None
+        raise MergeInputError(f"unknown merge method {short(name)}; available: {valid}") from None
 
 
 def methods() -> dict[str, dict[str, Any]]:

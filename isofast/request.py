@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from isofast.errors import MergeInputError
+from isofast.errors import MergeInputError, short
 from isofast.io.dtypes import COMPUTE_DTYPES, parse_float_dtype
 from isofast.methods import Params, get_method
 
@@ -99,25 +99,36 @@ class MergeRequest:
         put("models", tuple(_source(m, "fine-tuned model") for m in models))
         if not self.models:
             raise MergeInputError("no fine-tuned models given (T = 0): need at least one")
-        spec = get_method(str(self.method))
+        for name in ("method", "compute_dtype", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise MergeInputError(f"{name} must be a name, got {short(getattr(self, name))}")
+        spec = get_method(self.method)
         put("method", spec.name)
         put("alpha", _finite(self.alpha, "alpha"))
+        if not isinstance(self.params or {}, Mapping) or not all(
+            isinstance(k, str) for k in (self.params or {})
+        ):
+            raise MergeInputError(
+                f"parameters must be a mapping of names to values, got {short(self.params)}"
+            )
         put("params", dict(self.params or {}))
         spec.make_params(self.params)  # raises on an unknown name or a bad value
         if str(self.compute_dtype) not in COMPUTE_DTYPES:
             raise MergeInputError(
                 f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
-                f"got {self.compute_dtype!r}"
+                f"got {short(self.compute_dtype)}"
             )
         if self.out_dtype is not None:
             put("out_dtype", _float_dtype(self.out_dtype, "out_dtype"))
         put("exclude", _strings(self.exclude, "exclude"))
         put("seed", _integer(self.seed, "seed") % 2**64)
         if self.threads is not None and _integer(self.threads, "threads") < 1:
-            raise MergeInputError(f"threads must be at least 1, got {self.threads!r}")
+            raise MergeInputError(f"threads must be at least 1, got {short(self.threads)}")
         put("max_shard_bytes", parse_size(self.max_shard_bytes))
         if not isinstance(self.allow_pickle, bool):
-            raise MergeInputError(f"allow_pickle must be true or false, got {self.allow_pickle!r}")
+            raise MergeInputError(
+                f"allow_pickle must be true or false, got {short(self.allow_pickle)}"
+            )
         put("device", parse_device(self.device))
 
     @property
@@ -156,7 +167,7 @@ class MergeRequest:
 def config_fields(data: Mapping[str, Any], where: str, root: Path) -> dict[str, Any]:
     """The request fields an isofast YAML config sets; relative paths are relative to `root`
     (the config file's folder). `where` names the config in errors."""
-    unknown = sorted(set(data) - set(CONFIG_KEYS))
+    unknown = sorted(str(k) for k in set(data) - set(CONFIG_KEYS))
     if unknown:
         raise MergeInputError(
             f"{where}: unknown config key(s) {unknown}; known: {sorted(CONFIG_KEYS)}"
@@ -179,7 +190,7 @@ def model_path(entry: Any, where: str, root: Path) -> str:
         entry = entry["model"]
     if not isinstance(entry, str):
         raise MergeInputError(
-            f"{where}: each model must be a path or {{model: path}}, got {entry!r}"
+            f"{where}: each model must be a path or {{model: path}}, got {short(entry)}"
         )
     return str(root / entry) if not Path(entry).is_absolute() else entry
 
@@ -196,10 +207,12 @@ def _source(value: Any, what: str) -> ModelSource:
 
 
 def _finite(value: Any, what: str) -> float:
+    if isinstance(value, bool):
+        raise MergeInputError(f"{what} must be a number, got {short(value)}")
     try:
         number = float(value)
-    except (TypeError, ValueError):
-        raise MergeInputError(f"{what} must be a number, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise MergeInputError(f"{what} must be a number, got {short(value)}") from None
     if not math.isfinite(number):
         raise MergeInputError(f"{what} must be finite, got {value!r}")
     return number
@@ -207,7 +220,7 @@ def _finite(value: Any, what: str) -> float:
 
 def _integer(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise MergeInputError(f"{what} must be a whole number, got {value!r}")
+        raise MergeInputError(f"{what} must be a whole number, got {short(value)}")
     return value
 
 
@@ -215,11 +228,13 @@ def _strings(value: Any, what: str) -> tuple[str, ...]:
     """A string is one pattern (not a sequence of one-letter patterns)."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, Sequence) or not all(isinstance(v, str) for v in items):
-        raise MergeInputError(f"{what} must be a string or a list of strings, got {value!r}")
+        raise MergeInputError(f"{what} must be a string or a list of strings, got {short(value)}")
     return tuple(items)
 
 
 def _float_dtype(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise MergeInputError(f"{what} must be a dtype name, got {short(value)}")
     try:
         return parse_float_dtype(value, what)
     except ValueError as exc:
@@ -233,7 +248,7 @@ def parse_device(device: Any) -> str:
         return "cuda:0"
     if name == "cpu" or (name.startswith("cuda:") and name[5:].isdigit()):
         return name
-    raise MergeInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    raise MergeInputError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {short(device)}")
 
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
@@ -245,12 +260,12 @@ def parse_size(value: Any) -> int:
     """'5GB', '500MiB', 1000000 -> bytes."""
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    found = _SIZE.match(str(value))
-    size = (
-        int(float(found.group(1)) * _UNITS[(found.group(2) or "").lower().removesuffix("b")])
-        if found
-        else 0
-    )
+    found = _SIZE.match(str(value)) if isinstance(value, (str, int, float)) else None
+    try:
+        unit = _UNITS[((found.group(2) or "") if found else "").lower().removesuffix("b")]
+        size = int(float(found.group(1)) * unit) if found else 0
+    except (ValueError, OverflowError):  # "1.2.3", ".", or beyond any float
+        size = 0
     if size <= 0:
-        raise MergeInputError(f"cannot read size {value!r} (examples: 5GB, 500MiB, 1000000)")
+        raise MergeInputError(f"cannot read size {short(value)} (examples: 5GB, 500MiB, 1000000)")
     return size

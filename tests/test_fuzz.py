@@ -637,17 +637,7 @@ def main(argv: list[str]) -> int:
 
 
 # -- the default suite ----------------------------------------------------------------
-# load_config (isofast/config.py, isofast/request.py) still lets foreign exceptions out on
-# malformed YAML (TypeError, ValueError, KeyError, UnicodeDecodeError, RecursionError, ...);
-# strict: the marker must go once they are fixed.
-_CONFIG_XFAIL = pytest.mark.xfail(
-    reason="load_config raises foreign exceptions on malformed configs", strict=True
-)
-
-
-@pytest.mark.parametrize(
-    "target", [pytest.param(t, marks=_CONFIG_XFAIL) if t == "config" else t for t in TARGETS]
-)
+@pytest.mark.parametrize("target", TARGETS)
 def test_fuzz_target(target: str) -> None:
     env_examples = os.environ.get("ISOFAST_FUZZ_EXAMPLES")
     examples = int(env_examples) if env_examples else DEFAULT_EXAMPLES[target]

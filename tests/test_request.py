@@ -345,3 +345,40 @@ def test_cli_verbosity(
     assert cli.main(["merge", str(tmp_path / "b"), *models, "-q"]) == 0
     out, err = capsys.readouterr()
     assert out == "" and err == ""
+
+
+_BOMB = b"".join(
+    b"%s: &%s [%s]\n" % (name, name, b",".join([b"*" + prev if prev else b"x"] * 9))
+    for prev, name in zip(
+        [b"", *[bytes([c]) for c in b"abcdefgh"]], [bytes([c]) for c in b"abcdefghi"], strict=True
+    )
+)  # nine levels of nine references: tiny in memory, 9^9 entries if ever spelled out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"base_model: b\nmodels: [m]\nmethod: ties\nparameters:\n  d\xefnsity: 0.5\n",  # not UTF-8
+        b"2001-13-45",
+        b"!!int ",
+        b"{" * 2000,
+        b"merge_method: linear\nmodels: ./ft0\n",  # a string is not a list of models
+        b"merge_method: ties\nbase_model: ./base\nmodels: [a]\nparameters: [false, -7e16]\n",
+        b"merge_method: ties\nbase_model: b\nmodels: [{model: a, parameters: {weight: 1"
+        + b"0" * 400
+        + b"}}]\n",
+        b"base_model: b\nmodels: [m]\nparameters: {rank: x, 1: null}\n",
+        b"base_model: b\nmodels: [m]\n1: 2\n",
+        b"base_model: b\nmodels: [m]\nout_shard_size: " + b"9" * 400 + b"GB\n",
+        b"base_model: b\nmodels: [m]\nalpha: 1" + b"0" * 400 + b"\n",
+        _BOMB + b"merge_method: linear\nmodels: [*i]\n",
+        _BOMB + b"base_model: b\nmodels: [m]\nexclude: [*i]\n",
+    ],
+    ids=lambda text: text[:24].decode("utf-8", "replace"),
+)
+def test_malformed_configs_are_refused_quickly(tmp_path: Path, text: bytes) -> None:
+    """Regressions from fuzzing: each once escaped as a foreign exception or hung."""
+    cfg = tmp_path / "config.yml"
+    cfg.write_bytes(text)
+    with pytest.raises(MergeInputError, match=r"config\.yml"):
+        load_config(cfg)
