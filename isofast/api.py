@@ -104,6 +104,11 @@ def run(
     resume: bool = False,
 ) -> dict[str, Any] | Path:
     """Carry out a request (headers are opened and checked once, then data streamed)."""
+    if resume and (out is None or not request.on_disk):
+        raise MergeInputError(
+            "resume reuses the shards of an interrupted merge into a folder: it needs out= "
+            "and models given as checkpoint paths"
+        )
     with ModelSet(request) as models:
         merge_plan = make_plan(request, models)
         check_memory(merge_plan, into_memory=out is None, force=force)

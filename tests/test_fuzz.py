@@ -36,7 +36,7 @@ Long run (prints inputs per target and time)::
 ``ISOFAST_FUZZ_COLLECT=1`` keeps going after a foreign exception and prints one input per
 distinct exception site at the end (to survey a target instead of stopping at the first).
 
-Coverage-guided, with atheris (``pip install atheris``; not needed by the suite)::
+Coverage-guided, with atheris (``pip install ".[fuzz]"``; not needed by the suite)::
 
     python tests/test_fuzz.py --atheris safetensors -- -runs=1000000 -max_len=8192 \\
         /tmp/fuzz-work tests/fuzz_corpus/safetensors

@@ -424,3 +424,11 @@ def test_crc32c_matches_the_bitwise_definition() -> None:
         assert core.crc32c(blob[:size]) == by_bits(blob[:size]), size
         cut = size // 3
         assert core.crc32c(blob[cut:size], core.crc32c(blob[:cut])) == by_bits(blob[:size])
+
+
+def test_resume_needs_a_folder_and_checkpoints(on_disk: Path) -> None:
+    base, fts = make_models(1)
+    with pytest.raises(isofast.MergeInputError, match="resume"):
+        isofast.merge(on_disk / "base", [on_disk / "ft0"], "iso_c", resume=True)
+    with pytest.raises(isofast.MergeInputError, match="resume"):
+        isofast.merge(base, fts, "iso_c", out=on_disk / "o", resume=True)
