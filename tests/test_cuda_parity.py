@@ -199,7 +199,7 @@ def test_merge_from_disk_on_the_gpu(tmp_path: Any, fresh: Fresh, dtype: str) -> 
     merged checkpoint matches the CPU merge (update within 1e-4; vectors bitwise)."""
     from dataclasses import replace
 
-    from isofast.api import run as merge_checkpoints
+    from isofast.api import run
     from isofast.io import CheckpointReader, CheckpointWriter
     from isofast.request import MergeRequest
 
@@ -226,8 +226,8 @@ def test_merge_from_disk_on_the_gpu(tmp_path: Any, fresh: Fresh, dtype: str) -> 
     request = MergeRequest(
         base=paths[0], models=tuple(paths[1:]), method="iso_c", out_dtype="float32"
     )
-    merge_checkpoints(request, tmp_path / "cpu")
-    merge_checkpoints(replace(request, device="cuda"), tmp_path / "gpu")
+    run(request, tmp_path / "cpu")
+    run(replace(request, device="cuda"), tmp_path / "gpu")
     with CheckpointReader(tmp_path / "cpu") as cpu, CheckpointReader(tmp_path / "gpu") as gpu:
         assert set(cpu.names()) == set(gpu.names()) == set(shapes)
         for name in shapes:
@@ -240,7 +240,7 @@ def test_merge_from_disk_on_the_gpu(tmp_path: Any, fresh: Fresh, dtype: str) -> 
                 b = torch.from_numpy(base[name]).to(torch.bfloat16).double().numpy()
             assert rel(got - b, want - b) <= 1e-4, (name, fresh)
     if dtype == "bfloat16":  # bf16 outputs too: the float32 result, rounded (within 1 ulp)
-        merge_checkpoints(replace(request, device="cuda", out_dtype=None), tmp_path / "gpu16")
+        run(replace(request, device="cuda", out_dtype=None), tmp_path / "gpu16")
         with CheckpointReader(tmp_path / "gpu") as f32, CheckpointReader(tmp_path / "gpu16") as b:
             for name in shapes:
                 rounded = torch.from_numpy(np.array(f32.get(name))).to(torch.bfloat16)

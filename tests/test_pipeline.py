@@ -27,7 +27,7 @@ from safetensors import safe_open
 import isofast
 from isofast import cli
 from isofast._native import core
-from isofast.api import run as merge_checkpoints
+from isofast.api import run
 from isofast.config import load_config
 from isofast.errors import MergeInputError
 from isofast.io import INDEX_NAME, SINGLE_NAME, CheckpointWriter
@@ -151,7 +151,7 @@ def test_published_folder(
 ) -> None:
     root, base, fts = bf16_models
     req = request_for(root, "ties", alpha=0.7, params={"density": 0.3}, max_shard_bytes=3000)
-    out = merge_checkpoints(req, tmp_path / "out")
+    out = run(req, tmp_path / "out")
     assert out == tmp_path / "out"
     assert_same_bits(load(out), isofast.merge(base, fts, "ties", 0.7, threads=THREADS, density=0.3))
     names = {p.name for p in out.iterdir()}
@@ -193,7 +193,7 @@ def test_written_config_reproduces_the_merge_byte_for_byte(
         seed=1234,
         max_shard_bytes=4000,
     )
-    first = merge_checkpoints(req, tmp_path / "first")
+    first = run(req, tmp_path / "first")
     again = load_config(first / "isofast_config.yml")
     assert again.method == req.method
     assert again.alpha == req.alpha
@@ -201,7 +201,7 @@ def test_written_config_reproduces_the_merge_byte_for_byte(
     assert again.seed == req.seed
     assert again.threads == req.threads
     assert again.max_shard_bytes == req.max_shard_bytes
-    second = merge_checkpoints(again, tmp_path / "second")
+    second = run(again, tmp_path / "second")
     assert weight_bytes(first) == weight_bytes(second)
     assert (first / INDEX_NAME).read_text() == (second / INDEX_NAME).read_text()
     # and through the command line, relative to another working directory
@@ -216,7 +216,7 @@ def test_alpha_zero_is_the_base_model(
     bf16_models: tuple[Path, StateDict, list[StateDict]], tmp_path: Path, method: str
 ) -> None:
     root, base, _ = bf16_models
-    out = merge_checkpoints(request_for(root, method, alpha=0.0), tmp_path / "out")
+    out = run(request_for(root, method, alpha=0.0), tmp_path / "out")
     assert_same_bits(load(out), base)
 
 
@@ -225,7 +225,7 @@ def test_out_dtype_and_float64_compute(
 ) -> None:
     root, base, fts = bf16_models
     req = request_for(root, "tsv_m", out_dtype="float32", compute_dtype="float64")
-    got = load(merge_checkpoints(req, tmp_path / "out"))
+    got = load(run(req, tmp_path / "out"))
     want = isofast.merge(
         base, fts, "tsv_m", out_dtype="float32", compute_dtype="float64", threads=THREADS
     )
@@ -249,7 +249,7 @@ def test_single_file_paths(
         save(ft, flat / f"f{i}")
         paths.append(str(flat / f"f{i}" / SINGLE_NAME))
     req = MergeRequest(str(flat / "base.safetensors"), tuple(paths), "iso_c", threads=THREADS)
-    out = merge_checkpoints(req, tmp_path / "out")
+    out = run(req, tmp_path / "out")
     assert_same_bits(load(out), isofast.merge(base, fts, "iso_c", threads=THREADS))
     assert (out / "config.json").exists()
 
@@ -268,7 +268,7 @@ def test_torch_bin_inputs(
         "consensus",
         threads=THREADS,
     )
-    got = load(merge_checkpoints(req, tmp_path / "out"))
+    got = load(run(req, tmp_path / "out"))
     assert_same_bits(got, isofast.merge(base, fts, "consensus", threads=THREADS))
 
 
@@ -277,7 +277,7 @@ def test_progress_reports_every_tensor_once(
 ) -> None:
     root, base, _ = bf16_models
     seen: list[tuple[str, int]] = []
-    merge_checkpoints(
+    run(
         request_for(root, "weight_average"),
         tmp_path / "out",
         progress=lambda name, n: seen.append((name, n)),
@@ -292,11 +292,11 @@ def test_existing_output_needs_overwrite(
 ) -> None:
     root, base, _ = bf16_models
     out = tmp_path / "out"
-    merge_checkpoints(request_for(root, "task_arithmetic", alpha=0.0), out)
+    run(request_for(root, "task_arithmetic", alpha=0.0), out)
     with pytest.raises(FileExistsError):
-        merge_checkpoints(request_for(root, "iso_c"), out)
+        run(request_for(root, "iso_c"), out)
     assert_same_bits(load(out), base)
-    merge_checkpoints(request_for(root, "iso_c", alpha=0.0), out, overwrite=True)
+    run(request_for(root, "iso_c", alpha=0.0), out, overwrite=True)
     assert_same_bits(load(out), base)
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
@@ -314,9 +314,9 @@ def test_bad_request_fails_before_creating_anything(
         lambda: MergeRequest(str(root / "base"), ()),
     ):
         with pytest.raises(MergeInputError):
-            merge_checkpoints(make(), tmp_path / "out")
+            run(make(), tmp_path / "out")
     with pytest.raises(MergeInputError, match="missing"):
-        merge_checkpoints(MergeRequest(str(root / "base"), (str(root / "missing"),)), tmp_path)
+        run(MergeRequest(str(root / "base"), (str(root / "missing"),)), tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -339,7 +339,7 @@ def test_failure_midway_publishes_nothing(
 
     monkeypatch.setattr(core, "merge_items", flaky)
     with pytest.raises(RuntimeError, match="injected failure"):
-        merge_checkpoints(request_for(root, "iso_cts", max_shard_bytes=3000), tmp_path / "out")
+        run(request_for(root, "iso_cts", max_shard_bytes=3000), tmp_path / "out")
     assert calls in (4, 5)  # the batch queued behind the failing one may still have run
     assert list(tmp_path.iterdir()) == []
 
