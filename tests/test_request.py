@@ -382,3 +382,19 @@ def test_malformed_configs_are_refused_quickly(tmp_path: Path, text: bytes) -> N
     cfg.write_bytes(text)
     with pytest.raises(MergeInputError, match=r"config\.yml"):
         load_config(cfg)
+
+
+def test_a_device_that_cannot_run_fails_at_once() -> None:
+    """device="cuda" on a machine or build without the GPU backend: BackendUnavailable with
+    the reason, for state dicts as for checkpoints, before any work."""
+    try:
+        from isofast import _cuda  # type: ignore[attr-defined]  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("this build has the CUDA backend")
+    base, fts = make_models(np.random.default_rng(3))
+    with pytest.raises(isofast.BackendUnavailable, match="CUDA backend"):
+        isofast.merge(base, fts, "iso_c", device="cuda")
+    with pytest.raises(isofast.BackendUnavailable, match="only iso_c runs on the GPU"):
+        isofast.plan(base, fts, "ties", device="cuda:1")
