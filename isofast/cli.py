@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 # How each setting of isofast.request.SETTINGS reads from the command line, where it is not a
 # single string. The flags, their help and the fields they set all come from SETTINGS.
 _FLAG_OPTIONS: dict[str, dict[str, Any]] = {
-    "models": {"action": "append"},
+    "base": {"metavar": "PATH"},
+    "models": {"action": "append", "metavar": "PATH"},
+    "max_shard_bytes": {"metavar": "SIZE"},
     "alpha": {"type": float},
     "params": {"action": "append", "metavar": "NAME=VALUE"},
     "compute_dtype": {"choices": ["float32", "float64"]},
@@ -125,11 +127,17 @@ _FLAG_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def _add_request_flags(p: argparse.ArgumentParser) -> None:
-    from isofast.request import SETTINGS
+    import dataclasses
 
+    from isofast.request import SETTINGS, MergeRequest
+
+    defaults = {f.name: f.default for f in dataclasses.fields(MergeRequest)}
     g = p.add_argument_group("merge settings (flags override the config)")
     for s in SETTINGS:
-        g.add_argument(s.flag, dest=s.field, help=s.help, **_FLAG_OPTIONS.get(s.field, {}))
+        default = defaults.get(s.field)
+        shown = ", ".join(default) if isinstance(default, tuple) else default
+        said = s.help + (f" (default {shown})" if isinstance(shown, (str, float)) else "")
+        g.add_argument(s.flag, dest=s.field, help=said, **_FLAG_OPTIONS.get(s.field, {}))
 
 
 def _request_from(args: argparse.Namespace, config: str | None) -> Any:
