@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,15 @@ class ModelSet:
         return self.models[0]
 
     @property
+    def side_file_folder(self) -> Path | None:
+        """Where config.json and tokenizer files come from: the base model's folder (None for
+        a base in memory)."""
+        path = self.models[0].path
+        if path is None:
+            return None
+        return path if path.is_dir() else path.parent
+
+    @property
     def from_files(self) -> bool:
         """Every input is read from safetensors files by the core (never from anonymous
         memory), so pages of mapped inputs may be dropped once converted."""
@@ -253,11 +262,3 @@ class ModelSet:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def side_file_folder(models: Sequence[Model]) -> Path | None:
-    """Where config.json and tokenizer files come from: the base model's folder."""
-    path = models[0].path
-    if path is None:
-        return None
-    return path if path.is_dir() else path.parent

@@ -27,7 +27,7 @@ from isofast._native import core
 from isofast.io import CheckpointWriter
 from isofast.io.dtypes import safetensors_name
 from isofast.model_card import model_card
-from isofast.models import ModelSet, side_file_folder
+from isofast.models import ModelSet
 from isofast.output_ring import OutputRing, RingToken
 from isofast.planner import Batch, MergePlan
 from isofast.progress import ProgressBar
@@ -141,22 +141,25 @@ def merge_to_folder(
             resume=resume,
         ) as writer,
     ):
+
+        def report(name: str) -> None:
+            bar.update(name, models.nbytes[name])
+            if callable(progress):
+                progress(name, models.nbytes[name])
+
         done = writer.resumed_names
         order = [t for b in plan.batches for t in b.tensors if t.name not in done]
         phases = writer.page_phases(t.out_bytes for t in order)
         page_phase = {t.name: phase for t, phase in zip(order, phases, strict=True)}
-        for name in done:
-            bar.update(name, models.nbytes[name])
+        for name in (t.name for t in plan.tensors if t.name in done):  # resumed: already written
+            report(name)
         stream = _stream(plan, models, options, page_phase, writer.wait_written, done)
         for name, out, dtype in stream:
             writer.add(name, arrays.storage_bits(out), safetensors_name(dtype))
-            bar.update(name, models.nbytes[name])
-            if callable(progress):
-                progress(name, models.nbytes[name])
+            report(name)
         log_routes()
-        side_files = side_file_folder(models.models)
-        if side_files is not None:
-            writer.copy_side_files(side_files)
+        if models.side_file_folder is not None:
+            writer.copy_side_files(models.side_file_folder)
         writer.write_text("README.md", model_card(request, plan.params))
         if request.on_disk:
             writer.write_text(CONFIG_NAME, yaml.safe_dump(request.to_config(), sort_keys=False))

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,13 +76,17 @@ def crc_of_file(fd: int, begin: int, end: int) -> int:
 
 
 class Journal:
-    """Appends shard records to the journal of one temporary folder."""
+    """The journal of one temporary folder: written anew with the fingerprint and the records
+    of the shards kept (none for a new folder), then appended to as shards are finished."""
 
-    def __init__(self, folder: Path, fingerprint: str) -> None:
+    def __init__(self, folder: Path, fingerprint: str, kept: Sequence[ShardRecord] = ()) -> None:
         self.path = folder / JOURNAL_NAME
         self.fingerprint = fingerprint
-        if not self.path.exists():
-            self._append(json.dumps({"fingerprint": fingerprint}))
+        lines = [json.dumps({"fingerprint": fingerprint}), *(r.to_json() for r in kept)]
+        with open(self.path, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
 
     def record(self, shard: ShardRecord) -> None:
         self._append(shard.to_json())

@@ -348,7 +348,8 @@ class CheckpointWriter:
         try:
             with _writing(self.out_dir.parent):
                 self.tmp_dir = self._take_over_leftovers(fingerprint if resume else None)
-                self._journal = Journal(self.tmp_dir, fingerprint) if fingerprint else None
+                journal = Journal(self.tmp_dir, fingerprint, self._done) if fingerprint else None
+                self._journal = journal
         except BaseException:
             self._lock.release()
             raise
@@ -358,10 +359,11 @@ class CheckpointWriter:
         `fingerprint` (its verified shards kept), else a new one. Other leftovers of merges
         into this output are removed (the lock says no live merge owns them)."""
         adopted: Path | None = None
+        records: list[ShardRecord] = []
         for folder in leftover_folders(self.out_dir):
             found = read_journal(folder) if fingerprint and adopted is None else None
             if found is not None and found[0] == fingerprint and "-tmp-" in folder.name:
-                adopted = folder
+                adopted, records = folder, found[1]
                 continue
             remove_folder(folder, "left by an interrupted merge")
         if adopted is None:
@@ -370,16 +372,11 @@ class CheckpointWriter:
             return _mkdir_unique(
                 self.out_dir.parent, f".{self.out_dir.name}.isofast-tmp-{os.getpid()}-"
             )
-        fingerprint_and_records = read_journal(adopted)
-        assert fingerprint_and_records is not None
-        good = verified_prefix(adopted, fingerprint_and_records[1])
-        keep = {r.file for r in good} | {JOURNAL_NAME}
+        good = verified_prefix(adopted, records)
+        keep = {r.file for r in good} | {JOURNAL_NAME}  # the journal is rewritten with `good`
         for path in adopted.iterdir():
             if path.name not in keep:
                 path.unlink() if path.is_file() else shutil.rmtree(path, ignore_errors=True)
-        journal = adopted / JOURNAL_NAME
-        head = json.dumps({"fingerprint": fingerprint})
-        journal.write_text("".join(line + "\n" for line in [head, *(r.to_json() for r in good)]))
         self._done = list(good)
         self._names = {e[0] for r in good for e in r.entries}
         self._total = sum(r.data_bytes for r in good)
