@@ -146,25 +146,29 @@ def _unit_columns(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
     return unit
 
 
-def _profiles(r: int, square: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _profiles(
+    r: int, square: bool, depth: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.arange(r, dtype=torch.float64) / r
     a = (1.0 + 16.0 * x) ** -0.5
-    depth = 1.0 if square else 3.0
+    if depth is None:
+        depth = 1.0 if square else 3.0
     b = a * 10.0 ** (-depth * torch.clamp((x - 0.9) / 0.1, min=0.0))
     return a.float(), b.float()
 
 
 def task_matrices(
-    name: str, shape: tuple[int, int], num_tasks: int, seed: int = 0
+    name: str, shape: tuple[int, int], num_tasks: int, seed: int = 0, depth: float | None = None
 ) -> Iterator[torch.Tensor]:
-    """The T synthetic float32 task matrices of one 2-D key (construction: module docstring)."""
+    """The T synthetic float32 task matrices of one 2-D key (construction: module docstring);
+    `depth` overrides the roll-off depth c (deeper: larger condition numbers)."""
     m0, n0 = shape
     m, n = max(m0, n0), min(m0, n0)  # build tall (m >= n), transpose back for wide keys
     r = n
     shared = _generator(seed, name, "shared")
     u0, _ = torch.linalg.qr(torch.randn(m, r, generator=shared))
     v0, _ = torch.linalg.qr(torch.randn(n, r, generator=shared))
-    a, b = _profiles(r, m == n)
+    a, b = _profiles(r, m == n, depth)
     right = b[:, None] * v0.T  # diag(b) V0^T, r x n, shared by every task
     diag = torch.arange(min(N_SHARED, r))
     pool_weight = STRONG / torch.sqrt(1.0 + diag.float() / 4.0)

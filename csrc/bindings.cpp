@@ -26,6 +26,7 @@ using namespace isofast;
 using isofast::pyglue::Keepalive;
 
 void register_polar_bindings(py::module_& m);  // csrc/polar_bindings.cpp
+void register_options(py::module_& m);         // csrc/options_bindings.cpp
 
 namespace {
 
@@ -115,34 +116,9 @@ TensorView view_of(py::handle obj, const std::string& what, Keepalive& keep) {
   return view_of_dl(*dl.tensor, dl.readonly, what);
 }
 
-MergeOptions options_from(const std::string& kernel, double alpha, const py::dict& params) {
-  MergeOptions o;
-  o.kernel = kernel;
-  o.alpha = alpha;
-  ISOFAST_CHECK(std::isfinite(alpha), "alpha must be finite, got ", alpha);
-  for (auto kv : params) {
-    const std::string key = kv.first.cast<std::string>();
-    py::handle v = kv.second;
-    if (key == "compute64") o.compute64 = v.cast<bool>();
-    else if (key == "threads") o.threads = std::max(1, v.cast<int>());
-    else if (key == "item_threads") o.item_threads = std::max(1, v.cast<int>());
-    else if (key == "drop_rate") o.drop_rate = v.cast<double>();
-    else if (key == "seed") o.seed = v.cast<uint64_t>();
-    else if (key == "density") o.density = v.cast<double>();
-    else if (key == "trim_global") o.trim_global = v.cast<bool>();
-    else if (key == "thresholds") o.thresholds = v.cast<std::vector<double>>();
-    else if (key == "majority_sign") o.majority_sign = v.cast<int>();
-    else if (key == "ties_sum") o.ties_sum = v.cast<bool>();
-    else if (key == "lam") o.lam = v.cast<double>();
-    else if (key == "min_agree") o.min_agree = v.cast<int>();
-    else if (key == "consensus_ties") o.consensus_ties = v.cast<bool>();
-    else if (key == "common_space_fraction") o.common_space_fraction = v.cast<double>();
-    else if (key == "route") o.route = v.cast<std::string>();
-    else if (key == "release_inputs") o.release_inputs = v.cast<bool>();
-    else if (key == "rank_tol") o.rank_tol = v.is_none() ? -1.0 : v.cast<double>();
-    else throw ValueError(concat("unknown core option '", key, "'"));
-  }
-  return o;
+void check_options(const MergeOptions& o) {
+  ISOFAST_CHECK(std::isfinite(o.alpha), "alpha must be finite, got ", o.alpha);
+  ISOFAST_CHECK(o.threads >= 1 && o.item_threads >= 1, "threads must be >= 1");
 }
 
 // items: list of (name, base, [finetuned...], out, is_matrix); out may be None (histograms).
@@ -173,19 +149,18 @@ std::vector<MergeItem> items_from(const py::list& items, Keepalive& keep) {
   return out;
 }
 
-void merge_items(const std::string& kernel, const py::list& items, double alpha,
-                 const py::dict& params) {
+void merge_items(const MergeOptions& opt, const py::list& items) {
   Keepalive keep;
-  MergeOptions opt = options_from(kernel, alpha, params);
+  check_options(opt);
   std::vector<MergeItem> parsed = items_from(items, keep);
   py::gil_scoped_release release;
   merge_batch(opt, parsed);
 }
 
-py::array_t<int64_t> abs_histogram_py(const py::list& items, const py::dict& params, int digit,
+py::array_t<int64_t> abs_histogram_py(const py::list& items, const MergeOptions& opt, int digit,
                                       const std::vector<uint64_t>& prefixes) {
   Keepalive keep;
-  MergeOptions opt = options_from("ties", 1.0, params);
+  check_options(opt);
   std::vector<MergeItem> parsed = items_from(items, keep);
   ISOFAST_CHECK(digit >= 0 && digit < (opt.compute64 ? 4 : 2), "histogram digit out of range");
   py::array_t<int64_t> hist({static_cast<py::ssize_t>(prefixes.size()), py::ssize_t{65536}});
@@ -198,9 +173,9 @@ py::array_t<int64_t> abs_histogram_py(const py::list& items, const py::dict& par
   return hist;
 }
 
-int64_t ties_vote_py(const py::list& items, const py::dict& params) {
+int64_t ties_vote_py(const py::list& items, const MergeOptions& opt) {
   Keepalive keep;
-  MergeOptions opt = options_from("ties", 1.0, params);
+  check_options(opt);
   std::vector<MergeItem> parsed = items_from(items, keep);
   py::gil_scoped_release release;
   int64_t vote = 0;
@@ -249,12 +224,12 @@ PYBIND11_MODULE(_core, m) {
 
   pyglue::register_error_translator();
 
-  m.def("merge_items", &merge_items, py::arg("kernel"), py::arg("items"), py::arg("alpha"),
-        py::arg("params"),
+  register_options(m);
+  m.def("merge_items", &merge_items, py::arg("options"), py::arg("items"),
         "Merge each (name, base, finetuned, out, is_matrix) item into `out` in place.");
-  m.def("abs_histogram", &abs_histogram_py, py::arg("items"), py::arg("params"), py::arg("digit"),
+  m.def("abs_histogram", &abs_histogram_py, py::arg("items"), py::arg("options"), py::arg("digit"),
         py::arg("prefixes"), "Per-task 65536-bin histogram of one 16-bit digit of |task vector|.");
-  m.def("ties_vote", &ties_vote_py, py::arg("items"), py::arg("params"),
+  m.def("ties_vote", &ties_vote_py, py::arg("items"), py::arg("options"),
         "Sum of elected TIES signs under the given global thresholds.");
   m.def(
       "crc32c",

@@ -7,11 +7,63 @@ import numpy.typing as npt
 
 cuda_built: bool
 
-def merge_items(kernel: str, items: list[Any], alpha: float, params: dict[str, Any]) -> None: ...
+class Kernel:
+    mean: Kernel
+    sum: Kernel
+    ties: Kernel
+    consensus: Kernel
+    tsv_m: Kernel
+    iso_c: Kernel
+    iso_cts: Kernel
+    __members__: dict[str, Kernel]
+    name: str
+
+class MatrixRoute:
+    auto: MatrixRoute
+    gram: MatrixRoute
+    direct: MatrixRoute
+    __members__: dict[str, MatrixRoute]
+    name: str
+
+class DareOptions:
+    drop_rate: float
+    seed: int
+
+class TiesOptions:
+    density: float
+    trim_global: bool
+    thresholds: list[float]
+    majority_sign: int
+    sum: bool
+
+class ConsensusOptions:
+    lam: float
+    min_agree: int
+    on_ties: bool
+
+class MatrixOptions:
+    rank_tol: float
+    common_space_fraction: float
+    route: MatrixRoute
+
+class MergeOptions:
+    kernel: Kernel
+    alpha: float
+    compute64: bool
+    threads: int
+    item_threads: int
+    dare: DareOptions
+    ties: TiesOptions
+    consensus: ConsensusOptions
+    matrix: MatrixOptions
+    release_inputs: bool
+    def __init__(self, other: MergeOptions | None = None) -> None: ...
+
+def merge_items(options: MergeOptions, items: list[Any]) -> None: ...
 def abs_histogram(
-    items: list[Any], params: dict[str, Any], digit: int, prefixes: list[int]
+    items: list[Any], options: MergeOptions, digit: int, prefixes: list[int]
 ) -> npt.NDArray[np.int64]: ...
-def ties_vote(items: list[Any], params: dict[str, Any]) -> int: ...
+def ties_vote(items: list[Any], options: MergeOptions) -> int: ...
 def svd(a: Any) -> tuple[npt.NDArray[Any], npt.NDArray[Any], npt.NDArray[Any]]: ...
 def data_ptr(a: Any) -> int: ...
 def take_route_counts() -> dict[str, int]: ...

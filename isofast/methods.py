@@ -6,9 +6,12 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from isofast.errors import MergeInputError, short
+
+if TYPE_CHECKING:  # the registry never loads the compiled core (config.py imports it)
+    from isofast._core import MergeOptions
 
 Kind = Literal["elementwise", "matrix"]
 
@@ -22,9 +25,8 @@ def _check(cond: bool, message: str) -> None:
 class Params:
     """Base of every method's parameters."""
 
-    def core_options(self) -> dict[str, Any]:
-        """Options for the compiled kernel."""
-        return {}
+    def configure(self, options: MergeOptions) -> None:
+        """Set this method's fields of the compiled kernel's typed options."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,12 +50,10 @@ class TiesParams(Params):
             self.merge in ("mean", "sum"), f"merge must be 'mean' or 'sum', got {short(self.merge)}"
         )
 
-    def core_options(self) -> dict[str, Any]:
-        return {
-            "density": self.density,
-            "trim_global": self.trim == "global",
-            "ties_sum": self.merge == "sum",
-        }
+    def configure(self, options: MergeOptions) -> None:
+        options.ties.density = self.density
+        options.ties.trim_global = self.trim == "global"
+        options.ties.sum = self.merge == "sum"
 
 
 def _check_drop_rate(p: float) -> None:
@@ -67,8 +67,8 @@ class DareLinearParams(Params):
     def __post_init__(self) -> None:
         _check_drop_rate(self.drop_rate)
 
-    def core_options(self) -> dict[str, Any]:
-        return {"drop_rate": self.drop_rate}
+    def configure(self, options: MergeOptions) -> None:
+        options.dare.drop_rate = self.drop_rate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,8 +80,9 @@ class DareTiesParams(TiesParams):
         super().__post_init__()
         _check_drop_rate(self.drop_rate)
 
-    def core_options(self) -> dict[str, Any]:
-        return {**super().core_options(), "drop_rate": self.drop_rate}
+    def configure(self, options: MergeOptions) -> None:
+        super().configure(options)
+        options.dare.drop_rate = self.drop_rate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -101,13 +102,11 @@ class ConsensusParams(TiesParams):
             f"apply_to must be 'ta' or 'ties', got {short(self.apply_to)}",
         )
 
-    def core_options(self) -> dict[str, Any]:
-        return {
-            **super().core_options(),
-            "lam": self.lam,
-            "min_agree": self.min_agree,
-            "consensus_ties": self.apply_to == "ties",
-        }
+    def configure(self, options: MergeOptions) -> None:
+        super().configure(options)
+        options.consensus.lam = self.lam
+        options.consensus.min_agree = self.min_agree
+        options.consensus.on_ties = self.apply_to == "ties"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -121,8 +120,8 @@ class RankParams(Params):
             f"rank_tol must be >= 0, got {short(tol)}",
         )
 
-    def core_options(self) -> dict[str, Any]:
-        return {"rank_tol": self.rank_tol}
+    def configure(self, options: MergeOptions) -> None:
+        options.matrix.rank_tol = -1.0 if self.rank_tol is None else self.rank_tol
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -134,8 +133,9 @@ class IsoCtsParams(RankParams):
         f = self.common_space_fraction
         _check(0.0 <= f <= 1.0, f"common_space_fraction must be in [0, 1], got {short(f)}")
 
-    def core_options(self) -> dict[str, Any]:
-        return {**super().core_options(), "common_space_fraction": self.common_space_fraction}
+    def configure(self, options: MergeOptions) -> None:
+        super().configure(options)
+        options.matrix.common_space_fraction = self.common_space_fraction
 
 
 @dataclass(frozen=True)

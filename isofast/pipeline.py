@@ -26,6 +26,7 @@ from isofast import __version__, arrays
 from isofast._native import core
 from isofast.io import CheckpointWriter
 from isofast.io.dtypes import safetensors_name
+from isofast.kernels import kernel_of
 from isofast.model_card import model_card
 from isofast.models import ModelSet
 from isofast.output_ring import OutputRing, RingToken
@@ -43,14 +44,26 @@ Progress = Callable[[str, int], None]  # (tensor name, bytes read for it)
 Outputs = tuple[list[Any], list[RingToken]]
 
 
-def core_options(plan: MergePlan, models: ModelSet) -> dict[str, Any]:
+def kernel_options(plan: MergePlan) -> core.MergeOptions:
+    """The compiled kernel's typed options for this plan (no whole-model passes)."""
+    options = core.MergeOptions()
+    options.kernel = kernel_of(plan.spec.kernel)
+    options.alpha = plan.request.alpha
+    options.compute64 = plan.request.compute_dtype == "float64"
+    options.dare.seed = plan.request.seed
+    options.threads = plan.threads
+    plan.params.configure(options)
+    return options
+
+
+def core_options(plan: MergePlan, models: ModelSet) -> core.MergeOptions:
     """The kernel's options, completed by the whole-model passes a method needs (global TIES
     thresholds and majority sign, from one streamed pass over the inputs each)."""
-    options = plan.core_options()
+    options = kernel_options(plan)
     core.take_route_counts()  # start counting afresh for this merge
     # Pages of mapped inputs may be dropped once converted; never those of arrays that may live
     # in anonymous memory (torch pickles, in-memory tensors).
-    options["release_inputs"] = models.from_files
+    options.release_inputs = models.from_files
     if models.from_files:
         log.debug("input pages are dropped from memory once the core has read them")
     if plan.uses_global_ties:
@@ -65,8 +78,8 @@ def core_options(plan: MergePlan, models: ModelSet) -> dict[str, Any]:
             )
         log.info(
             "global TIES: thresholds %s, majority sign %+d",
-            ", ".join(f"{x:.3g}" for x in options["thresholds"]),
-            options["majority_sign"],
+            ", ".join(f"{x:.3g}" for x in options.ties.thresholds),
+            options.ties.majority_sign,
         )
     return options
 
@@ -79,23 +92,24 @@ def log_routes() -> None:
 
 
 def merge_batch(
-    plan: MergePlan, models: ModelSet, batch: Batch, outs: list[Any], options: dict[str, Any]
+    plan: MergePlan, models: ModelSet, batch: Batch, outs: list[Any], options: core.MergeOptions
 ) -> None:
     """Merge the float tensors of `batch` into `outs` (one preallocated array each)."""
     alpha = plan.request.alpha
     if plan.gpu is not None and all(t.matrix for t in batch.tensors):
+        rank_tol = options.matrix.rank_tol
         for t, out in zip(batch.tensors, outs, strict=True):
             base, *tuned = models.views(t.name)
-            plan.gpu.merge(base, tuned, out, alpha, options.get("rank_tol"))
+            plan.gpu.merge(base, tuned, out, alpha, None if rank_tol < 0 else rank_tol)
             models.release(t.name)  # read through the mapping: keep RSS flat
         return
     items = [
         models.core_item(t.name, t.matrix, o) for t, o in zip(batch.tensors, outs, strict=True)
     ]
+    batch_options = core.MergeOptions(options)
+    batch_options.item_threads = batch.item_threads
     with models.naming_files():
-        core.merge_items(
-            plan.spec.kernel, items, alpha, {**options, "item_threads": batch.item_threads}
-        )
+        core.merge_items(batch_options, items)
 
 
 def merge_in_memory(plan: MergePlan, models: ModelSet, kind: str) -> dict[str, Any]:
@@ -186,7 +200,7 @@ def resume_key(plan: MergePlan, models: ModelSet) -> str | None:
 def _stream(
     plan: MergePlan,
     models: ModelSet,
-    options: dict[str, Any],
+    options: core.MergeOptions,
     page_phase: dict[str, int],
     written: Callable[[], None],
     done: frozenset[str] = frozenset(),

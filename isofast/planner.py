@@ -15,7 +15,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from isofast.cuda_merge import CudaIsoC, gpu_for
 from isofast.errors import MergeWarning
@@ -109,15 +109,6 @@ class MergePlan:
     @property
     def uses_global_ties(self) -> bool:
         return self.spec.uses_global_ties(self.params)
-
-    def core_options(self) -> dict[str, Any]:
-        """Options of the compiled kernel for this merge."""
-        return {
-            **self.params.core_options(),
-            "compute64": self.request.compute_dtype == "float64",
-            "seed": self.request.seed,
-            "threads": self.threads,
-        }
 
 
 def default_threads() -> int:

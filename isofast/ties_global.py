@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import numpy as np
 
@@ -22,13 +21,13 @@ def kth_index(total: int, density: float) -> int:
 
 
 def exact_thresholds(
-    source: ItemSource, tasks: int, total: int, density: float, options: dict[str, Any]
+    source: ItemSource, tasks: int, total: int, density: float, options: core.MergeOptions
 ) -> list[float]:
     """Per task, the kth smallest |D_t| over every float tensor of the model."""
     kth = kth_index(total, density)
     if kth < 1:
         return [-math.inf] * tasks
-    compute64 = bool(options.get("compute64"))
+    compute64 = options.compute64
     digits = 4 if compute64 else 2
     prefixes = [0] * tasks
     ranks = [kth] * tasks
@@ -45,15 +44,17 @@ def exact_thresholds(
     return [float(np.array(p, dtype=bits_type).view(float_type)) for p in prefixes]
 
 
-def majority_sign(source: ItemSource, options: dict[str, Any]) -> int:
+def majority_sign(source: ItemSource, options: core.MergeOptions) -> int:
     vote: int = sum(core.ties_vote(batch, options) for batch in source())
     return (vote > 0) - (vote < 0)
 
 
 def global_ties_options(
-    source: ItemSource, tasks: int, total: int, density: float, options: dict[str, Any]
-) -> dict[str, Any]:
-    """Core options completed with the whole-model thresholds and majority sign."""
-    thresholds = exact_thresholds(source, tasks, total, density, options)
-    with_thresholds = {**options, "thresholds": thresholds}
-    return {**with_thresholds, "majority_sign": majority_sign(source, with_thresholds)}
+    source: ItemSource, tasks: int, total: int, density: float, options: core.MergeOptions
+) -> core.MergeOptions:
+    """A copy of the core options completed with the whole-model thresholds and majority
+    sign."""
+    completed = core.MergeOptions(options)
+    completed.ties.thresholds = exact_thresholds(source, tasks, total, density, options)
+    completed.ties.majority_sign = majority_sign(source, completed)
+    return completed

@@ -40,8 +40,11 @@ def _f64(deltas: Sequence[np.ndarray]) -> list[Array]:
 
 
 def _tol(shape: tuple[int, ...], rank_tol: float | None, eps: float) -> float:
-    # CONTRACT.md: tol = rank_tol if given else 16 * eps(compute dtype), relative to sigma_max.
-    return float(rank_tol) if rank_tol is not None else 16.0 * float(eps)
+    # CONTRACT.md: tol = rank_tol if given else c * eps(compute dtype), relative to sigma_max,
+    # c = 4 for float32 and 16 for float64.
+    if rank_tol is not None:
+        return float(rank_tol)
+    return (4.0 if eps == np.finfo(np.float32).eps else 16.0) * float(eps)
 
 
 def range_block(a: Array, cut: float, limit: int | None = None) -> tuple[Array, Array, Array]:
@@ -108,12 +111,16 @@ def iso_cts(
     common_space_fraction: float = 0.8,
     rank_tol: float | None = None,
     eps: float = F64_EPS,
+    rank_aware: bool = False,
 ) -> Array:
+    """rank_aware: the sizes come from the numerical rank q of the sum instead of
+    r = min(m, n) (CONTRACT.md, "LoRA adapters"); the same for a full-rank sum."""
     ds = _f64(deltas)
     d = np.sum(np.stack(ds), axis=0)
-    k, s = iso_cts_sizes(min(d.shape), len(ds), common_space_fraction)
     # One scale for every block: sigma_max of the sum (CONTRACT.md).
     cut = _tol(d.shape, rank_tol, eps) * _sigma_max(d)
+    q = int(np.count_nonzero(np.linalg.svd(d, compute_uv=False) > cut))
+    k, s = iso_cts_sizes(q if rank_aware else min(d.shape), len(ds), common_space_fraction)
     u_k, s_k, v_k = range_block(d, cut, limit=k)  # k_eff = min(k, q)
     us, ss, vs = [u_k], [s_k], [v_k]
     for dt in ds:

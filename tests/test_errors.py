@@ -287,9 +287,11 @@ def test_input_file_that_ends_early_is_named(tmp_path: Path, method: str) -> Non
     """The core reads on-disk inputs itself: a file cut short after its header was checked
     (changed during the merge) fails with the tensor and model named, and NaN/inf found in
     file data is reported as for arrays."""
+    from isofast.kernels import kernel_of
     from isofast.methods import get_method
 
-    kernel = get_method(method).kernel
+    options = core.MergeOptions()
+    options.kernel = kernel_of(get_method(method).kernel)
     data = np.arange(24, dtype=np.float32).reshape(6, 4)
     path = tmp_path / "t.bin"
     path.write_bytes(data.tobytes())
@@ -297,19 +299,19 @@ def test_input_file_that_ends_early_is_named(tmp_path: Path, method: str) -> Non
     with open(path, "rb") as f:
         ok = ("file", f.fileno(), 0, "float32", (6, 4))
         short = ("file", f.fileno(), 64, "float32", (6, 4))  # 16 bytes past the end
-        core.merge_items(kernel, [("w", ok, [ok], out, method == "iso_c")], 1.0, {})
+        core.merge_items(options, [("w", ok, [ok], out, method == "iso_c")])
         np.testing.assert_array_equal(out, data)  # the task vector is 0: out = base
         with pytest.raises(
             isofast.MergeInputError, match=r"'w' of fine-tuned model 0.*ended before"
         ):
-            core.merge_items(kernel, [("w", ok, [short], out, False)], 1.0, {})
+            core.merge_items(options, [("w", ok, [short], out, False)])
     bad = data.copy()
     bad[2, 1] = np.inf
     path.write_bytes(bad.tobytes())
     with open(path, "rb") as f:
         src = ("file", f.fileno(), 0, "float32", (6, 4))
         with pytest.raises(isofast.MergeInputError, match="'w' of the base model holds NaN or Inf"):
-            core.merge_items(kernel, [("w", src, [(data, "float32")], out, False)], 1.0, {})
+            core.merge_items(options, [("w", src, [(data, "float32")], out, False)])
 
 
 def test_output_cannot_be_a_file(tmp_path: Path) -> None:
@@ -321,4 +323,4 @@ def test_output_cannot_be_a_file(tmp_path: Path) -> None:
         pytest.raises(isofast.MergeInputError, match="must be an array"),
     ):
         out = ("file", f.fileno(), 0, "float32", (4,))
-        core.merge_items("sum", [("w", base, [base], out, False)], 1.0, {})
+        core.merge_items(core.MergeOptions(), [("w", base, [base], out, False)])

@@ -2,6 +2,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
+#include <type_traits>
 #include <vector>
 
 #include <cblas.h>
@@ -83,6 +85,63 @@ template <class T>
 class CpuBackend final : public Backend<T> {
  public:
   const char* name() const override { return "cpu"; }
+  Backend<double>& f64() override { return cpu_backend_f64(); }
+
+  std::shared_ptr<T> allocate(size_t count) override {
+    // Value-initialised like the std::vector scratch it replaces: a fresh page is zeroed by
+    // the kernel anyway, and callers that need zeros rely on nothing else.
+    return std::shared_ptr<T>(new T[count > 0 ? count : 1](), std::default_delete<T[]>());
+  }
+
+  void copy(int rows, int cols, const T* a, int lda, T* b, int ldb, bool transpose) override {
+    if (!transpose) {
+      for (int j = 0; j < cols; ++j)
+        std::copy(a + static_cast<size_t>(j) * lda, a + static_cast<size_t>(j) * lda + rows,
+                  b + static_cast<size_t>(j) * ldb);
+      return;
+    }
+    constexpr int kTile = 32;  // tiles keep both sides in cache
+    for (int j0 = 0; j0 < cols; j0 += kTile)
+      for (int i0 = 0; i0 < rows; i0 += kTile)
+        for (int j = j0; j < std::min(cols, j0 + kTile); ++j)
+          for (int i = i0; i < std::min(rows, i0 + kTile); ++i)
+            b[j + static_cast<size_t>(i) * ldb] = a[i + static_cast<size_t>(j) * lda];
+  }
+
+  void to_f64(int rows, int cols, const T* a, int lda, double* b, int ldb) override {
+    for (int j = 0; j < cols; ++j)
+      std::transform(a + static_cast<size_t>(j) * lda, a + static_cast<size_t>(j) * lda + rows,
+                     b + static_cast<size_t>(j) * ldb, [](T v) { return static_cast<double>(v); });
+  }
+
+  void from_f64(int rows, int cols, const double* a, int lda, T* b, int ldb) override {
+    for (int j = 0; j < cols; ++j)
+      std::transform(a + static_cast<size_t>(j) * lda, a + static_cast<size_t>(j) * lda + rows,
+                     b + static_cast<size_t>(j) * ldb, [](double v) { return static_cast<T>(v); });
+  }
+
+  void fill(int rows, int cols, T value, T* a, int lda) override {
+    for (int j = 0; j < cols; ++j)
+      std::fill(a + static_cast<size_t>(j) * lda, a + static_cast<size_t>(j) * lda + rows, value);
+  }
+
+  void add(size_t n, const T* x, T* y) override {
+    for (size_t i = 0; i < n; ++i) y[i] += x[i];
+  }
+
+  void scale_columns(int rows, int cols, T* a, int lda, const std::vector<double>& f,
+                     bool divide) override {
+    for (int j = 0; j < cols; ++j) {
+      const double fj = divide ? (f[j] > 0 ? 1.0 / f[j] : 0.0) : f[j];
+      T* c = a + static_cast<size_t>(j) * lda;
+      if (std::is_same_v<T, double>)
+        for (int i = 0; i < rows; ++i) c[i] = static_cast<T>(c[i] * fj);
+      else  // one rounding of the float32 factor, as the float32 loops always did
+        for (int i = 0; i < rows; ++i) c[i] *= static_cast<T>(fj);
+    }
+  }
+
+  std::vector<T> to_host(const T* a, size_t n) override { return std::vector<T>(a, a + n); }
 
   void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda,
             const T* b, int ldb, T beta, T* c, int ldc) override {

@@ -12,6 +12,16 @@
 namespace isofast {
 namespace {
 
+// Host scratch of this CPU-only tool (the methods use Backend-owned Matrix<T> instead).
+template <class T>
+struct HostMatrix {
+  int rows = 0, cols = 0;
+  std::vector<T> data;
+  HostMatrix(int r, int c) : rows(r), cols(c), data(static_cast<size_t>(r) * c) {}
+  T* ptr() { return data.data(); }
+  T* col(int j) { return data.data() + static_cast<size_t>(j) * rows; }
+};
+
 // Full symmetric matrix from the lower triangle that syrk wrote.
 template <class T>
 void symmetrize_lower(int n, T* g, int ld) {
@@ -92,10 +102,10 @@ double polar_certificate(Backend<double>& be64, int rows, int cols, const T* a, 
   const bool right = rows >= cols;  // Gram side: Q^T Q (cols x cols), else Q Q^T (rows x rows)
   const int n = right ? cols : rows;
   const int len = right ? rows : cols;
-  Matrix<double> c1(n, n), c2(n, n);
+  HostMatrix<double> c1(n, n), c2(n, n);
   double a2 = 0;
   if (right) {
-    Matrix<double> qb(std::min(kBlock, std::max(rows, 1)), cols), ab(qb.rows, cols);
+    HostMatrix<double> qb(std::min(kBlock, std::max(rows, 1)), cols), ab(qb.rows, cols);
     for (int i0 = 0; i0 < len; i0 += kBlock) {
       const int b = std::min(kBlock, len - i0);
       for (int j = 0; j < cols; ++j) {
@@ -111,7 +121,7 @@ double polar_certificate(Backend<double>& be64, int rows, int cols, const T* a, 
       be64.gemm(true, false, n, n, b, 1.0, qb.ptr(), qb.rows, ab.ptr(), ab.rows, beta, c2.ptr(), n);
     }
   } else {
-    Matrix<double> qb(rows, std::min(kBlock, std::max(cols, 1))), ab(rows, qb.cols);
+    HostMatrix<double> qb(rows, std::min(kBlock, std::max(cols, 1))), ab(rows, qb.cols);
     for (int j0 = 0; j0 < len; j0 += kBlock) {
       const int b = std::min(kBlock, len - j0);
       for (int j = 0; j < b; ++j) {
@@ -180,7 +190,7 @@ PolarResult polar_iter(Backend<T>& be, int rows, int cols, const T* a, int lda, 
   int exp2 = 0;
   std::frexp(fro, &exp2);
   const T pow2 = static_cast<T>(std::ldexp(1.0, -exp2));
-  Matrix<T> x(rows, cols), y(rows, cols), g(n, n), g2(n, n);
+  HostMatrix<T> x(rows, cols), y(rows, cols), g(n, n), g2(n, n);
   for (int j = 0; j < cols; ++j)
     for (int i = 0; i < rows; ++i) x.data[i + static_cast<size_t>(j) * rows] = a[i + static_cast<size_t>(j) * lda] * pow2;
 

@@ -114,8 +114,9 @@ TaskVectors<T> load_task_vectors(const MergeOptions& opt, const MergeItem& item)
   for (size_t m = 0; m <= tasks; ++m)
     ISOFAST_CHECK(!bad[m], "tensor '", item.name, "' of ", model_label(m), " holds NaN or Inf");
   for (size_t t = 0; t < tasks; ++t) {
-    if (opt.drop_rate > 0)
-      dare_drop(tv.deltas[t].data(), tv.n, opt.drop_rate, opt.seed, item.name, t, opt.threads);
+    if (opt.dare.drop_rate > 0)
+      dare_drop(tv.deltas[t].data(), tv.n, opt.dare.drop_rate, opt.dare.seed, item.name, t,
+                opt.threads);
     tv.ptrs.push_back(tv.deltas[t].data());
   }
   return tv;
@@ -124,15 +125,15 @@ TaskVectors<T> load_task_vectors(const MergeOptions& opt, const MergeItem& item)
 template <class T>
 TiesSpec ties_spec(const MergeOptions& opt, const TaskVectors<T>& tv) {
   TiesSpec spec;
-  spec.sum = opt.ties_sum;
-  if (opt.trim_global) {
-    ISOFAST_CHECK(opt.thresholds.size() == tv.ptrs.size(),
+  spec.sum = opt.ties.sum;
+  if (opt.ties.trim_global) {
+    ISOFAST_CHECK(opt.ties.thresholds.size() == tv.ptrs.size(),
                   "global TIES needs one threshold per task");
-    spec.thresholds = opt.thresholds;
-    spec.majority_sign = opt.majority_sign;
+    spec.thresholds = opt.ties.thresholds;
+    spec.majority_sign = opt.ties.majority_sign;
     return spec;
   }
-  for (T* d : tv.ptrs) spec.thresholds.push_back(ties_threshold(d, tv.n, opt.density));
+  for (T* d : tv.ptrs) spec.thresholds.push_back(ties_threshold(d, tv.n, opt.ties.density));
   const int64_t vote = ties_sign_vote(tv.ptrs, tv.n, spec, opt.threads);
   spec.majority_sign = (vote > 0) - (vote < 0);
   return spec;
@@ -140,18 +141,24 @@ TiesSpec ties_spec(const MergeOptions& opt, const TaskVectors<T>& tv) {
 
 template <class T>
 void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T>& tv, T* m) {
-  const std::string& k = opt.kernel;
-  if (k == "mean" || k == "sum") return task_sum(tv.ptrs, tv.n, k == "mean", m, opt.threads);
-  if (k == "ties") return ties_merge(tv.ptrs, tv.n, ties_spec(opt, tv), m, opt.threads);
-  if (k == "consensus") {
-    if (opt.consensus_ties)
-      ties_merge(tv.ptrs, tv.n, ties_spec(opt, tv), m, opt.threads);
-    else
-      task_sum(tv.ptrs, tv.n, false, m, opt.threads);
-    return consensus_mask(tv.ptrs, tv.n, opt.lam, opt.min_agree, m, opt.threads);
+  switch (opt.kernel) {
+    case Kernel::Mean:
+    case Kernel::Sum:
+      return task_sum(tv.ptrs, tv.n, opt.kernel == Kernel::Mean, m, opt.threads);
+    case Kernel::Ties:
+      return ties_merge(tv.ptrs, tv.n, ties_spec(opt, tv), m, opt.threads);
+    case Kernel::Consensus:
+      if (opt.consensus.on_ties)
+        ties_merge(tv.ptrs, tv.n, ties_spec(opt, tv), m, opt.threads);
+      else
+        task_sum(tv.ptrs, tv.n, false, m, opt.threads);
+      return consensus_mask(tv.ptrs, tv.n, opt.consensus.lam, opt.consensus.min_agree, m,
+                            opt.threads);
+    case Kernel::TsvM:
+    case Kernel::IsoC:
+    case Kernel::IsoCts:
+      break;
   }
-  const bool matrix_kernel = k == "iso_c" || k == "iso_cts" || k == "tsv_m";
-  ISOFAST_CHECK(matrix_kernel, "unknown merge kernel '", k, "'");
   if (!item.matrix) return task_sum(tv.ptrs, tv.n, true, m, opt.threads);
   MatrixProblem<T> p;
   p.rows = static_cast<int>(item.base.shape[1]);  // row-major m x n == column-major n x m
@@ -161,22 +168,9 @@ void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T
     for (std::vector<T>& d : tv.deltas) std::vector<T>().swap(d);
   };
   Backend<T>& be = cpu_backend<T>();
-  ISOFAST_CHECK(opt.route == "auto" || opt.route == "gram" || opt.route == "direct",
-                "route must be auto, gram or direct, got '", opt.route, "'");
-  // float32 compute goes through float64 Grams: a float32 SVD loses cond * eps32 (Iso-C on a
-  // square sum of cond 3e5: 2.4e-2 from float64 by gesdd, 5e-7 by the Gram route).
-  const bool gram = opt.route == "gram" || (opt.route == "auto" && sizeof(T) == 4);
-  note_route(k + (gram ? ": Gram route" : ": SVD route"));
-  if (k == "iso_c") {
-    if (gram) return iso_c_gram(be, p, opt.rank_tol, m);
-    return iso_c(be, p, opt.rank_tol, m);
-  }
-  if (k == "iso_cts") {
-    if (gram) return iso_cts_gram(be, p, opt.common_space_fraction, opt.rank_tol, m);
-    return iso_cts(be, p, opt.common_space_fraction, opt.rank_tol, m);
-  }
-  if (gram) return tsv_m_gram(be, p, opt.rank_tol, m);
-  return tsv_m(be, p, opt.rank_tol, m);
+  if (opt.kernel == Kernel::IsoC) return iso_c(be, p, opt.matrix, m);
+  if (opt.kernel == Kernel::IsoCts) return iso_cts(be, p, opt.matrix, m);
+  tsv_m(be, p, opt.matrix, m);
 }
 
 // The task sum S = sum_t (ft_t - base), streamed chunk by chunk through the cache: into `sum`
@@ -245,7 +239,7 @@ void write_output(const MergeOptions& opt, const MergeItem& item, T* m) {
 // Weight averaging / task arithmetic without DARE: one pass, the output formed in cache too.
 template <class T>
 void merge_linear_streamed(const MergeOptions& opt, const MergeItem& item) {
-  const T scale = opt.kernel == "mean" ? T(1) / T(item.finetuned.size()) : T(1);
+  const T scale = opt.kernel == Kernel::Mean ? T(1) / T(item.finetuned.size()) : T(1);
   stream_task_sum<T>(opt, item, nullptr, scale);
   if (opt.release_inputs) release_pages(item.base);
 }
@@ -266,9 +260,10 @@ void merge_iso_c_streamed(const MergeOptions& opt, const MergeItem& item) {
 
 template <class T>
 void merge_item_as(const MergeOptions& opt, const MergeItem& item) {
-  if (opt.drop_rate <= 0) {
-    if (opt.kernel == "mean" || opt.kernel == "sum") return merge_linear_streamed<T>(opt, item);
-    if (opt.kernel == "iso_c" && item.matrix) return merge_iso_c_streamed<T>(opt, item);
+  if (opt.dare.drop_rate <= 0) {
+    if (opt.kernel == Kernel::Mean || opt.kernel == Kernel::Sum)
+      return merge_linear_streamed<T>(opt, item);
+    if (opt.kernel == Kernel::IsoC && item.matrix) return merge_iso_c_streamed<T>(opt, item);
   }
   TaskVectors<T> tv = load_task_vectors<T>(opt, item);
   std::vector<T> m(tv.n);
@@ -278,6 +273,19 @@ void merge_item_as(const MergeOptions& opt, const MergeItem& item) {
 }
 
 }  // namespace
+
+const char* kernel_name(Kernel k) {
+  switch (k) {
+    case Kernel::Mean: return "mean";
+    case Kernel::Sum: return "sum";
+    case Kernel::Ties: return "ties";
+    case Kernel::Consensus: return "consensus";
+    case Kernel::TsvM: return "tsv_m";
+    case Kernel::IsoC: return "iso_c";
+    case Kernel::IsoCts: return "iso_cts";
+  }
+  return "?";
+}
 
 void validate_item(const MergeItem& item) {
   const std::string& name = item.name;
@@ -344,7 +352,7 @@ template <class T>
 int64_t ties_vote_as(const MergeOptions& opt, const MergeItem& item) {
   TaskVectors<T> tv = load_task_vectors<T>(opt, item);
   TiesSpec spec;
-  spec.thresholds = opt.thresholds;
+  spec.thresholds = opt.ties.thresholds;
   ISOFAST_CHECK(spec.thresholds.size() == tv.ptrs.size(), "one TIES threshold per task expected");
   const int64_t vote = ties_sign_vote(tv.ptrs, tv.n, spec, opt.threads);
   if (opt.release_inputs) release_pages(item.base);

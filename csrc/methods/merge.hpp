@@ -6,34 +6,48 @@
 #include <vector>
 
 #include "../core/tensor_view.hpp"
+#include "matrix_methods.hpp"
 
 namespace isofast {
 
-struct MergeOptions {
-  std::string kernel;  // mean | sum | ties | consensus | tsv_m | iso_c | iso_cts
-  double alpha = 1.0;
-  bool compute64 = false;
-  int threads = 1;       // threads inside one item (BLAS and elementwise loops)
-  int item_threads = 1;  // items of a batch merged side by side, one thread each
-  // DARE preprocessing (enabled when drop_rate > 0)
+// The merge kernels; the Python method registry maps every method onto one of them (checked
+// at import time).
+enum class Kernel { Mean, Sum, Ties, Consensus, TsvM, IsoC, IsoCts };
+const char* kernel_name(Kernel k);
+inline bool is_matrix_kernel(Kernel k) {
+  return k == Kernel::TsvM || k == Kernel::IsoC || k == Kernel::IsoCts;
+}
+
+// DARE preprocessing of the task vectors (on when drop_rate > 0).
+struct DareOptions {
   double drop_rate = 0.0;
   uint64_t seed = 0;
-  // TIES
+};
+
+struct TiesOptions {
   double density = 0.2;
   bool trim_global = false;
   std::vector<double> thresholds;  // per task, when trim_global
   int majority_sign = 0;           // when trim_global
-  bool ties_sum = false;
-  // consensus
+  bool sum = false;                // sum of the kept entries instead of their mean
+};
+
+struct ConsensusOptions {
   double lam = 0.4;
   int min_agree = 2;
-  bool consensus_ties = false;
-  // matrix methods
-  double common_space_fraction = 0.8;
-  double rank_tol = -1.0;  // < 0: the default 16 * eps of the compute dtype
-  // "auto": Gram routes in float32 (fewer flops, float64 Gram keeps fp32 accuracy), direct
-  // gesdd routes in float64 (a float64 Gram cannot match a float64 SVD); or force either.
-  std::string route = "auto";
+  bool on_ties = false;  // mask a TIES merge instead of the task sum
+};
+
+struct MergeOptions {
+  Kernel kernel = Kernel::Mean;
+  double alpha = 1.0;
+  bool compute64 = false;
+  int threads = 1;       // threads inside one item (BLAS and elementwise loops)
+  int item_threads = 1;  // items of a batch merged side by side, one thread each
+  DareOptions dare;
+  TiesOptions ties;
+  ConsensusOptions consensus;
+  MatrixOptions matrix;
   // Inputs are read-only file mappings whose pages may be dropped once converted.
   bool release_inputs = false;
 };

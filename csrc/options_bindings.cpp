@@ -1,0 +1,61 @@
+// The typed boundary of the merge kernels: the Kernel enum and one option struct per method
+// family, exposed as Python classes (a misspelt field is an AttributeError in Python, never a
+// string the core has to parse). Registered into isofast._core by register_options().
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "methods/merge.hpp"
+
+namespace py = pybind11;
+using namespace isofast;
+
+void register_options(py::module_& m) {
+  py::enum_<Kernel>(m, "Kernel", "The merge kernels of the core.")
+      .value("mean", Kernel::Mean)
+      .value("sum", Kernel::Sum)
+      .value("ties", Kernel::Ties)
+      .value("consensus", Kernel::Consensus)
+      .value("tsv_m", Kernel::TsvM)
+      .value("iso_c", Kernel::IsoC)
+      .value("iso_cts", Kernel::IsoCts);
+  py::enum_<MatrixRoute>(m, "MatrixRoute",
+                         "gram: float64 Gram eigenpairs (float32's route); direct: SVDs.")
+      .value("auto", MatrixRoute::Auto)
+      .value("gram", MatrixRoute::Gram)
+      .value("direct", MatrixRoute::Direct);
+
+  py::class_<DareOptions>(m, "DareOptions")
+      .def(py::init<>())
+      .def_readwrite("drop_rate", &DareOptions::drop_rate)
+      .def_readwrite("seed", &DareOptions::seed);
+  py::class_<TiesOptions>(m, "TiesOptions")
+      .def(py::init<>())
+      .def_readwrite("density", &TiesOptions::density)
+      .def_readwrite("trim_global", &TiesOptions::trim_global)
+      .def_readwrite("thresholds", &TiesOptions::thresholds)
+      .def_readwrite("majority_sign", &TiesOptions::majority_sign)
+      .def_readwrite("sum", &TiesOptions::sum);
+  py::class_<ConsensusOptions>(m, "ConsensusOptions")
+      .def(py::init<>())
+      .def_readwrite("lam", &ConsensusOptions::lam)
+      .def_readwrite("min_agree", &ConsensusOptions::min_agree)
+      .def_readwrite("on_ties", &ConsensusOptions::on_ties);
+  py::class_<MatrixOptions>(m, "MatrixOptions")
+      .def(py::init<>())
+      .def_readwrite("rank_tol", &MatrixOptions::rank_tol)
+      .def_readwrite("common_space_fraction", &MatrixOptions::common_space_fraction)
+      .def_readwrite("route", &MatrixOptions::route);
+  py::class_<MergeOptions>(m, "MergeOptions", "Everything one merge call needs besides its items.")
+      .def(py::init<>())
+      .def(py::init<const MergeOptions&>(), "A copy.")
+      .def_readwrite("kernel", &MergeOptions::kernel)
+      .def_readwrite("alpha", &MergeOptions::alpha)
+      .def_readwrite("compute64", &MergeOptions::compute64)
+      .def_readwrite("threads", &MergeOptions::threads)
+      .def_readwrite("item_threads", &MergeOptions::item_threads)
+      .def_readwrite("dare", &MergeOptions::dare)
+      .def_readwrite("ties", &MergeOptions::ties)
+      .def_readwrite("consensus", &MergeOptions::consensus)
+      .def_readwrite("matrix", &MergeOptions::matrix)
+      .def_readwrite("release_inputs", &MergeOptions::release_inputs);
+}
