@@ -74,8 +74,14 @@ def merge(
 
     Settings (defaults): compute_dtype ("float32" or "float64"), out_dtype (None: each tensor
     keeps its dtype), exclude (("text_projection",): names kept out of matrix methods), seed
-    (0), threads (None: every core), device ("cpu"), allow_pickle (False), max_shard_bytes
-    ("5GiB"). Any other keyword is a parameter of the method: see `isofast.methods()`.
+    (0), threads (None: every core), device ("cpu"; for state dicts on a GPU, their device),
+    allow_pickle (False), max_shard_bytes ("5GiB"). Any other keyword is a parameter of the
+    method: see `isofast.methods()`.
+
+    `device="cuda"` (or "cuda:N") merges the 2-D keys of Iso-C, Iso-CTS and TSV-M on that GPU
+    with the same method code as the CPU; everything else runs on the CPU. torch CUDA tensors
+    and cupy arrays are read in place (DLPack, on the current stream) and the result comes
+    back as the same kind on the same device.
     """
     request = _request(base, finetuned, method, alpha, settings)
     return run(request, out, overwrite=overwrite, progress=progress, force=force, resume=resume)
@@ -103,7 +109,16 @@ def run(
     force: bool = False,
     resume: bool = False,
 ) -> dict[str, Any] | Path:
-    """Carry out a request (headers are opened and checked once, then data streamed)."""
+    """Carry out a request (headers are opened and checked once, then data streamed). A
+    request with LoRA adapters goes to isofast.adapters (its result: the folder, or the
+    merged tensors / adapter state dict in memory)."""
+    if request.adapters:
+        from isofast.adapters import run_adapter_merge
+
+        result = run_adapter_merge(
+            request, out, overwrite=overwrite, progress=progress, force=force, resume=resume
+        )
+        return result.path if result.path is not None else result.tensors
     if resume and (out is None or not request.on_disk):
         raise MergeInputError(
             "resume reuses the shards of an interrupted merge into a folder: it needs out= "
@@ -120,6 +135,10 @@ def run(
 
 
 def plan_of(request: MergeRequest) -> MergePlan:
+    if request.adapters:
+        raise MergeInputError(
+            "an adapter merge has its own plan: isofast.plan_adapters (isofast.adapters)"
+        )
     with ModelSet(request) as models:
         return make_plan(request, models)
 
@@ -134,6 +153,9 @@ def _request(
         )
     fields = {k: v for k, v in settings.items() if k in _FIELDS}
     params = {k: v for k, v in settings.items() if k not in _FIELDS}
+    if "device" not in fields and isinstance(base, Mapping) and base:
+        # A state dict on a GPU merges there unless told otherwise.
+        fields["device"] = arrays.device_of(next(iter(base.values())))
     return MergeRequest(base, tuple(finetuned), method, alpha, params, **fields)  # type: ignore[arg-type]
 
 

@@ -1,5 +1,6 @@
-"""Framework-neutral handling of the arrays a user passes in: torch tensors, numpy arrays, and
-raw 16-bit arrays tagged as bfloat16 (what the checkpoint readers give for BF16 data)."""
+"""Framework-neutral handling of the arrays a user passes in: torch tensors (CPU or CUDA), cupy
+arrays, numpy arrays, and raw 16-bit arrays tagged as bfloat16 (what the checkpoint readers
+give for BF16 data)."""
 
 from __future__ import annotations
 
@@ -33,13 +34,26 @@ def is_torch(x: Any) -> bool:
     return torch is not None and isinstance(x, torch.Tensor)
 
 
+def is_cupy(x: Any) -> bool:
+    return type(x).__module__.split(".")[0] == "cupy" and hasattr(x, "__dlpack__")
+
+
+def device_of(x: Any) -> str:
+    """Where an array lives: 'cpu' or 'cuda:N'."""
+    if is_torch(x) and x.device.type == "cuda":
+        return f"cuda:{x.device.index or 0}"
+    if is_cupy(x):
+        return f"cuda:{int(x.device.id)}"
+    return "cpu"
+
+
 def dtype_name(x: Any) -> str:
-    """'float32', 'bfloat16', 'int64', 'bool', ... for torch, numpy and Bf16Array inputs."""
+    """'float32', 'bfloat16', 'int64', 'bool', ... for torch, cupy, numpy and Bf16Array inputs."""
     if isinstance(x, Bf16Array):
         return "bfloat16"
     if is_torch(x):
         return str(x.dtype).removeprefix("torch.")
-    if isinstance(x, np.ndarray):
+    if isinstance(x, np.ndarray) or is_cupy(x):
         return str(x.dtype)
     raise TypeError(f"expected a torch tensor or numpy array, got {type(x).__name__}")
 
@@ -53,23 +67,48 @@ def is_float(x: Any) -> bool:
 
 
 def core_arg(x: Any) -> Any:
-    """What the compiled core takes: a contiguous DLPack exporter, or (array, 'bfloat16')."""
+    """What the CPU core takes: a contiguous DLPack exporter, or (array, 'bfloat16'). An array
+    on a GPU is copied to the host (what the CPU core merges: vectors, elementwise methods)."""
     if isinstance(x, Bf16Array):
         return (np.ascontiguousarray(x.bits), "bfloat16")
     if is_torch(x):
         if x.device.type != "cpu":
-            raise ValueError(f"tensor on {x.device}: the CPU core needs CPU tensors")
+            return x.detach().cpu().contiguous()
         return x if x.is_contiguous() else x.contiguous()
+    if is_cupy(x):
+        return x.get()  # a numpy copy on the host
     return np.ascontiguousarray(x)
 
 
 def result_kind(x: Any) -> str:
-    """ "torch" or "numpy": the kind of array a merge returns for inputs like x."""
-    return "torch" if is_torch(x) else "numpy"
+    """ "torch", "cupy" or "numpy": the kind of array a merge returns for inputs like x."""
+    return "torch" if is_torch(x) else "cupy" if is_cupy(x) else "numpy"
+
+
+def to_device(x: Any, device: str, kind: str) -> Any:
+    """A merged host array (torch or numpy, as `empty` made it) moved to `device` as `kind`."""
+    if device == "cpu":
+        return x
+    if kind == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(int(device.removeprefix("cuda:"))):
+            return cupy.asarray(x.numpy() if is_torch(x) else x)
+    return x.to(device)
+
+
+def from_torch(x: Any, kind: str) -> Any:
+    """A torch tensor (on a GPU) as `kind`: itself, or a zero-copy cupy view through DLPack."""
+    if kind == "cupy":
+        import cupy
+
+        return cupy.from_dlpack(x)
+    return x
 
 
 def empty(shape: tuple[int, ...], dtype: str, kind: str) -> Any:
-    """An uninitialised array of `kind` ("torch" or "numpy"; numpy bfloat16 as Bf16Array)."""
+    """An uninitialised host array of `kind` ("torch" or "numpy"; numpy bfloat16 as Bf16Array;
+    "cupy": numpy, moved to the GPU by `to_device`)."""
     if kind == "torch":
         torch = _torch()
         return torch.empty(shape, dtype=getattr(torch, dtype))
@@ -87,6 +126,8 @@ def copy_as(x: Any, kind: str) -> Any:
         if isinstance(x, Bf16Array):
             return torch.from_numpy(x.bits.astype(np.int16)).view(torch.bfloat16)
         return torch.from_numpy(np.array(x, copy=True))
+    if kind == "cupy" and is_cupy(x):
+        return x.copy()
     if isinstance(x, Bf16Array):
         return Bf16Array(x.bits.copy())
     return np.array(x.numpy() if is_torch(x) else x, copy=True)

@@ -1,4 +1,4 @@
-"""The `isofast` command line: merge | plan | methods | demo."""
+"""The `isofast` command line: merge | plan | methods | analyze | demo | clean."""
 
 from __future__ import annotations
 
@@ -24,8 +24,12 @@ EPILOG = """examples:
   isofast merge config.yml out/                 merge as a YAML config says (isofast or mergekit)
   isofast merge out/ --base B --model M1 --model M2 --method iso_cts --alpha 1.0
   isofast plan config.yml                       validate from headers only; print work and memory
+  isofast merge lora.yml out/                   merge LoRA adapters (config with `adapters:`)
+  isofast merge out/ --adapter A1 --adapter A2 --method iso_c --max-rank 16
   isofast merge config.yml out/ --resume        finish a merge that was interrupted
   isofast clean out/                            remove what interrupted merges into out/ left
+  isofast analyze config.yml report/ --methods task_arithmetic,iso_c,iso_cts
+                                                per-task subspace alignment, spectra, plots
 """
 
 
@@ -97,6 +101,49 @@ def build_parser() -> argparse.ArgumentParser:
     )
     clean.add_argument("out", metavar="OUT", help="the output folder of the interrupted merges")
 
+    analyze = sub.add_parser(
+        "analyze",
+        parents=[chatter],
+        help="measure how each task aligns with the merged update (SAR, spectra, plots)",
+        description="For the inputs of a merge (`analyze CONFIG OUT` or `analyze OUT --base B "
+        "--model M ...`), per 2-D key and task: the subspace alignment ratio (SAR) of the task "
+        "matrix against each method's merged update, the spectra of the task-arithmetic sum "
+        "and of each update, norm shares and task-subspace overlaps. Writes analysis.json, "
+        "analysis.md and PNG plots (with matplotlib: pip install 'isofast[plot]') into OUT.",
+    )
+    analyze.add_argument(
+        "args",
+        nargs="+",
+        metavar="CONFIG OUT | OUT",
+        help="a YAML config and the report folder, or just the report folder",
+    )
+    _add_request_flags(analyze)
+    analyze.add_argument(
+        "--methods",
+        metavar="M1,M2",
+        help="methods compared in one pass (default: task_arithmetic and the config's method)",
+    )
+    analyze.add_argument(
+        "--energy-share",
+        type=float,
+        default=0.95,
+        metavar="SHARE",
+        help="k_M: fewest directions of the merged update holding this share of its energy "
+        "(default 0.95)",
+    )
+    analyze.add_argument(
+        "--include",
+        action="append",
+        metavar="PATTERN",
+        help="analyse only 2-D keys whose name contains PATTERN (repeat the flag)",
+    )
+    analyze.add_argument("--no-plots", action="store_true", help="JSON and Markdown only")
+    analyze.add_argument(
+        "--force",
+        action="store_true",
+        help="analyse even if the estimated peak memory exceeds the memory available",
+    )
+
     demo = sub.add_parser(
         "demo",
         parents=[chatter],
@@ -114,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAG_OPTIONS: dict[str, dict[str, Any]] = {
     "base": {"metavar": "PATH"},
     "models": {"action": "append", "metavar": "PATH"},
+    "adapters": {"action": "append", "metavar": "PATH"},
+    "output": {"choices": ["adapter", "model"]},
+    "max_rank": {"type": int, "metavar": "RANK"},
     "max_shard_bytes": {"metavar": "SIZE"},
     "alpha": {"type": float},
     "params": {"action": "append", "metavar": "NAME=VALUE"},
@@ -156,9 +206,13 @@ def _request_from(args: argparse.Namespace, config: str | None) -> Any:
         changes["params"] = params
     if config:
         return load_config(config, **changes)
-    if not args.base or not args.models:
-        raise IsofastError("give a config file, or --base and at least one --model")
-    changes["models"] = tuple(changes["models"])
+    if not (args.base and args.models) and not args.adapters:
+        raise IsofastError(
+            "give a config file, or --base and at least one --model (or at least one --adapter)"
+        )
+    changes["models"] = tuple(changes.get("models", ()))
+    changes["adapters"] = tuple(changes.get("adapters", ()))
+    changes.setdefault("base", {})  # an adapter merge may go without a base model
     return MergeRequest.make(changes, "command line")
 
 
@@ -183,10 +237,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     )
     seconds = time.perf_counter() - start
     if not args.quiet:
-        print(
-            f"merged {len(request.models)} models with {request.method} into {path} "
-            f"in {seconds:.1f} s"
-        )
+        n = len(request.adapters or request.models)
+        what = f"{n} adapters" if request.adapters else f"{n} models"
+        print(f"merged {what} with {request.method} into {path} in {seconds:.1f} s")
     return 0
 
 
@@ -194,7 +247,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from isofast.api import plan_of
     from isofast.planner import format_plan
 
-    print(format_plan(plan_of(_request_from(args, args.config))))
+    request = _request_from(args, args.config)
+    if request.adapters:
+        from isofast.adapters import format_adapter_plan, plan_of_adapters
+
+        print(format_adapter_plan(plan_of_adapters(request)))
+    else:
+        print(format_plan(plan_of(request)))
     return 0
 
 
@@ -217,6 +276,28 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from isofast.analysis.api import analyze_request
+    from isofast.analysis.report import console_summary
+
+    if len(args.args) not in (1, 2):
+        raise IsofastError("analyze takes CONFIG OUT or OUT (with --base/--model)")
+    config, out = (None, *args.args) if len(args.args) == 1 else args.args
+    data = analyze_request(
+        _request_from(args, config),
+        out,
+        methods=args.methods,
+        energy_share=args.energy_share,
+        include=args.include or (),
+        plots=not args.no_plots,
+        progress=not args.quiet,
+        force=args.force,
+    )
+    if not args.quiet:
+        print(console_summary(data, out))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from isofast.demo import run_demo
 
@@ -236,6 +317,7 @@ COMMANDS = {
     "methods": cmd_methods,
     "demo": cmd_demo,
     "clean": cmd_clean,
+    "analyze": cmd_analyze,
 }
 
 

@@ -1,44 +1,66 @@
-"""`device: cuda` for merges of checkpoints on disk: Iso-C of 2-D keys on a CUDA GPU.
+"""`device: cuda`: the matrix methods (Iso-C, Iso-CTS, TSV-M) of 2-D keys on a CUDA GPU.
 
-Each matrix key's base and fine-tuned tensors are copied to the GPU, merged there by the CUDA
-backend (isofast._cuda: the certified polar iteration, float64), and the result is copied back
-into the output the writer sends to disk. Everything else (vectors, excluded keys) merges on
-the CPU as with `device: cpu`. Only Iso-C has a GPU kernel so far; the other methods, or a
-machine without the CUDA backend, torch with CUDA or a usable GPU, fail before any tensor is
-read, with the reason.
+Each matrix key's base and fine-tuned tensors go to the GPU as they are stored (bf16 is
+converted there), the core's own method code runs on its CUDA backend (isofast._cuda), and the
+result comes back into the output the writer sends to disk. Vectors, excluded keys and the
+elementwise methods run on the CPU as with `device: cpu` (they are bound by reading their
+inputs, not by arithmetic). A machine without the CUDA backend, torch with CUDA or a usable
+GPU fails at once, before any tensor is read, with the reason; so does a key whose GPU work
+cannot fit in the GPU's free memory.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from isofast import arrays
-from isofast.errors import BackendUnavailable
+from isofast.errors import BackendUnavailable, InsufficientMemory
 
-GPU_KERNELS = ("iso_c",)
+if TYPE_CHECKING:  # the planner imports this module; the compiled core loads lazily
+    from isofast._core import MergeOptions
+
+log = logging.getLogger(__name__)
+
+GPU_KERNELS = ("iso_c", "iso_cts", "tsv_m")
 
 
-def gpu_for(device: str, kernel: str, method: str) -> CudaIsoC | None:
-    """None for `device: cpu`; else the GPU side, checked (raises with the reason). `device` is
-    normalised by the request: 'cpu' or 'cuda:N'."""
-    return None if device == "cpu" else CudaIsoC(device, kernel, method)
+def gpu_for(device: str, kernel: str, method: str) -> CudaMatrixMerge | None:
+    """None for `device: cpu`; else the GPU side, checked (raises BackendUnavailable with the
+    reason). An elementwise method on a CUDA device runs on the CPU: None, after the check.
+    `device` is normalised by the request: 'cpu' or 'cuda:N'."""
+    if device == "cpu":
+        return None
+    gpu = CudaMatrixMerge(device)
+    if kernel not in GPU_KERNELS:
+        log.info("%s: %s is an elementwise method; it runs on the CPU", device, method)
+        return None
+    return gpu
 
 
-class CudaIsoC:
+def gpu_work_bytes(shape: tuple[int, ...], tasks: int, kernel: str, in_itemsize: int) -> int:
+    """GPU memory one 2-D key takes while merged (float32 compute): the inputs as stored, the
+    task matrices (one sum for Iso-C), the update and the output, the float64 Gram of the short
+    side with its eigenvectors, and concatenated factors (about one matrix more)."""
+    m, n = shape[0], shape[-1]
+    numel, r = m * n, min(m, n)
+    deltas = 1 if kernel == "iso_c" else tasks
+    inputs = (tasks + 1) * numel * in_itemsize
+    return inputs + (deltas + 3) * numel * 4 + 3 * r * r * 8
+
+
+class CudaMatrixMerge:
     """The GPU side of a `device: cuda` merge (checks everything at construction)."""
 
-    def __init__(self, device: str, kernel: str, method: str) -> None:
+    def __init__(self, device: str) -> None:
         index = int(device.removeprefix("cuda:"))
-        if kernel not in GPU_KERNELS:
-            raise BackendUnavailable(
-                f"device {device!r}: only {', '.join(GPU_KERNELS)} runs on the GPU so far; "
-                f"method {method!r} runs on the CPU (device: cpu)"
-            )
         try:
             from isofast import _cuda
+            from isofast._native import core  # noqa: F401  (the checked core loads first)
         except ImportError as exc:
             raise BackendUnavailable(
                 f"device {device!r}: this isofast was built without its CUDA backend ({exc}); "
@@ -59,12 +81,27 @@ class CudaIsoC:
             )
         self._cuda = _cuda
         self._torch = torch
+        self.name = device
         self.device = torch.device("cuda", index)
+
+    def free_bytes(self) -> int:
+        free, _total = self._torch.cuda.mem_get_info(self.device)
+        return int(free)
+
+    def check_fits(self, name: str, shape: tuple[int, ...], need: int) -> None:
+        """Refuse, before any data is read, a key whose GPU work exceeds the free memory."""
+        free = self.free_bytes()
+        if need > free:
+            raise InsufficientMemory(
+                f"tensor {name!r} {tuple(shape)} needs about {need / 2**30:.1f} GiB on "
+                f"{self.name}, which has {free / 2**30:.1f} GiB free; merge it with device: cpu "
+                "or free GPU memory"
+            )
 
     def _to_gpu(self, array: Any) -> Any:
         torch = self._torch
         if arrays.is_torch(array):
-            return array.to(self.device)
+            return array.to(self.device, non_blocking=True)
         bits = array.bits if isinstance(array, arrays.Bf16Array) else np.asarray(array)
         with warnings.catch_warnings():  # read-only memory maps: only read from, never written
             warnings.simplefilter("ignore", UserWarning)
@@ -72,10 +109,8 @@ class CudaIsoC:
         on_gpu = host.to(self.device)
         return on_gpu.view(torch.bfloat16) if isinstance(array, arrays.Bf16Array) else on_gpu
 
-    def merge(
-        self, base: Any, finetuned: list[Any], out: Any, alpha: float, rank_tol: float | None
-    ) -> None:
-        """out = base + alpha * Iso-C(finetuned - base), computed on the GPU."""
+    def merge(self, base: Any, finetuned: list[Any], out: Any, options: MergeOptions) -> None:
+        """out (host memory) = base + alpha * M(finetuned - base), computed on the GPU."""
         torch = self._torch
         bf16 = isinstance(out, arrays.Bf16Array)
         # The output's host memory seen by torch (bf16 bits as int16: numpy has no bfloat16).
@@ -89,12 +124,27 @@ class CudaIsoC:
             result = torch.empty(
                 host.shape, dtype=torch.bfloat16 if bf16 else host.dtype, device=self.device
             )
-            self._cuda.iso_c(
+            self._cuda.merge_matrix(
+                options,
                 [self._to_gpu(ft) for ft in finetuned],
                 result,
                 base=self._to_gpu(base),
-                alpha=alpha,
-                rank_tol=rank_tol,
                 stream=stream.cuda_stream,
             )
             host.copy_(result.view(torch.int16) if bf16 else result)  # waits for the stream
+
+    def merge_on_device(
+        self, base: Any, finetuned: list[Any], options: MergeOptions, out_dtype: str
+    ) -> Any:
+        """base + alpha * M for tensors already on this GPU (torch CUDA or cupy, zero-copy
+        through DLPack on the current stream); returns a torch tensor on the same device."""
+        torch = self._torch
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.current_stream(self.device)
+            shape = tuple(base.shape)
+            result = torch.empty(shape, dtype=getattr(torch, out_dtype), device=self.device)
+            if math.prod(shape):
+                self._cuda.merge_matrix(
+                    options, list(finetuned), result, base=base, stream=stream.cuda_stream
+                )
+            return result

@@ -1,20 +1,24 @@
 """`isofast demo`: build a small base model and fine-tunes on disk, merge them with every
-method, and print how far the merged model lies from each fine-tune."""
+method, and print how well each merge keeps every fine-tune's update (subspace alignment,
+isofast.analysis) and how flat its spectrum is."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from isofast.analysis import analyze
 from isofast.api import merge
-from isofast.io import CheckpointReader, CheckpointWriter
+from isofast.io import CheckpointWriter
 from isofast.methods import METHODS
 
 # alpha per method for the demo (task arithmetic's usual 0.3; the others' defaults).
 DEMO_ALPHA = {"task_arithmetic": 0.3, "dare_linear": 0.3, "consensus": 0.3}
+TASK_DECAY = 0.5  # strength of fine-tune t+1's update relative to fine-tune t's
 
 
 def demo_shapes(width: int = 128, blocks: int = 4) -> dict[str, tuple[int, ...]]:
@@ -35,7 +39,9 @@ def demo_shapes(width: int = 128, blocks: int = 4) -> dict[str, tuple[int, ...]]
 
 
 def write_demo_models(folder: Path, tasks: int = 4, seed: int = 0) -> tuple[Path, list[Path]]:
-    """Base model plus `tasks` fine-tunes (low-rank task updates + small dense noise), bf16."""
+    """Base model plus `tasks` fine-tunes (low-rank task updates + small dense noise), bf16.
+    Like real fine-tunes, the tasks differ in strength: each one's low-rank update is
+    TASK_DECAY times as large as the previous one's, so the first dominates the task sum."""
     rng = np.random.default_rng(seed)
     shapes = demo_shapes()
     base = {n: rng.standard_normal(s).astype(np.float32) * 0.05 for n, s in shapes.items()}
@@ -57,7 +63,8 @@ def write_demo_models(folder: Path, tasks: int = 4, seed: int = 0) -> tuple[Path
                 rank = 4
                 u = rng.standard_normal((arr.shape[0], rank))
                 v = rng.standard_normal((rank, arr.shape[1]))
-                update = (u @ v) / np.sqrt(arr.shape[0] * arr.shape[1]) * 0.5
+                strength = 0.5 * TASK_DECAY**t
+                update = (u @ v) / np.sqrt(arr.shape[0] * arr.shape[1]) * strength
             else:
                 update = np.zeros(arr.shape)
             update = update + 0.002 * rng.standard_normal(arr.shape)
@@ -73,62 +80,59 @@ def _to_bf16_bits(a: np.ndarray) -> np.ndarray:
     return (rounded >> 16).astype(np.uint16)
 
 
-def _float_params(path: Path) -> dict[str, np.ndarray]:
-    with CheckpointReader(path) as r:
-        out = {}
-        for name in r.names():
-            info = r.info(name)
-            if info.dtype == "BF16":
-                bits = r.get(name).astype(np.uint32) << 16
-                out[name] = bits.view(np.float32).astype(np.float64)
-            elif info.dtype.startswith("F"):
-                out[name] = r.get(name).astype(np.float64)
-        return out
-
-
-def relative_distances(merged: Path, base: Path, fine_tunes: list[Path]) -> list[float]:
-    """||merged - theta_t|| / ||theta_t - theta_0|| over all float tensors, per fine-tune."""
-    m, b = _float_params(merged), _float_params(base)
-    out = []
-    for ft in fine_tunes:
-        f = _float_params(ft)
-        num = sum(float(np.sum((m[n] - f[n]) ** 2)) for n in f)
-        den = sum(float(np.sum((f[n] - b[n]) ** 2)) for n in f)
-        out.append((num / den) ** 0.5)
-    return out
-
-
-def run_demo(
-    folder: Path, tasks: int = 4, quiet: bool = False
-) -> list[tuple[str, float, list[float]]]:
+def run_demo(folder: Path, tasks: int = 4, quiet: bool = False) -> list[DemoRow]:
+    """Merge the demo models with every method (timed), then analyse every method's update in
+    one pass: per-task alignment (SAR) and the spectrum's flatness."""
     base, fine_tunes = write_demo_models(folder, tasks)
-    rows = []
-    for method in dict.fromkeys(spec.name for spec in METHODS.values()):
+    methods = list(dict.fromkeys(spec.name for spec in METHODS.values()))
+    seconds = {}
+    for method in methods:
         start = time.perf_counter()
-        alpha = DEMO_ALPHA.get(method, 1.0)
-        out = merge(base, fine_tunes, method, alpha, out=folder / f"merged-{method}")
-        seconds = time.perf_counter() - start
-        rows.append((method, seconds, relative_distances(out, base, fine_tunes)))
+        merge(
+            base, fine_tunes, method, DEMO_ALPHA.get(method, 1.0), out=folder / f"merged-{method}"
+        )
+        seconds[method] = time.perf_counter() - start
+    data = analyze(base, fine_tunes, methods=methods)
+    rows = [
+        DemoRow(
+            m,
+            seconds[m],
+            data["summary"][m]["min_task_sar"],
+            data["summary"][m]["mean_task_sar"],
+            data["summary"][m]["mean_flatness"],
+        )
+        for m in methods
+    ]
     if not quiet:
-        print(format_table(rows, folder))
+        print(format_table(rows, folder, tasks))
     return rows
 
 
-def format_table(rows: list[tuple[str, float, list[float]]], folder: Path) -> str:
-    tasks = len(rows[0][2]) if rows else 0
-    head = (
-        "| method | alpha | seconds | " + " | ".join(f"dist task{t}" for t in range(tasks)) + " |"
-    )
-    sep = "|---" * (3 + tasks) + "|"
+@dataclass(frozen=True)
+class DemoRow:
+    method: str
+    seconds: float
+    min_sar: float  # the least aligned fine-tune
+    mean_sar: float
+    flatness: float  # of the merged update's spectrum, mean over matrices
+
+
+def format_table(rows: list[DemoRow], folder: Path, tasks: int) -> str:
     lines = [
         f"isofast demo: base + {tasks} bf16 fine-tunes in {folder}",
-        "dist = ||merged - fine-tune|| / ||fine-tune - base|| over all float tensors "
-        "(lower is closer; 1.0 = as far as the base)",
+        "SAR = how much of each fine-tune's update lies in the merged update's dominant "
+        "directions (1 = kept, 0 = ignored; min = the task the merge neglects most); "
+        "flatness = 1 when every direction of the update is equally strong. "
+        "Higher is better for both.",
         "",
-        head,
-        sep,
+        "| method | alpha | seconds | min task SAR | mean task SAR | flatness |",
+        "|---|---|---|---|---|---|",
     ]
-    for method, seconds, dists in rows:
-        cells = " | ".join(f"{d:.3f}" for d in dists)
-        lines.append(f"| {method} | {DEMO_ALPHA.get(method, 1.0)} | {seconds:.3f} | {cells} |")
+    for r in rows:
+        lines.append(
+            f"| {r.method} | {DEMO_ALPHA.get(r.method, 1.0)} | {r.seconds:.3f} | "
+            f"{r.min_sar:.3f} | {r.mean_sar:.3f} | {r.flatness:.3f} |"
+        )
+    lines.append("")
+    lines.append(f"details per layer and task: isofast analyze ({len(rows)} methods at once)")
     return "\n".join(lines)

@@ -91,13 +91,22 @@ class _InMemory:
         self.tensors = tensors
         self.from_files = False
         self.meta = {}
-        for name, x in tensors.items():
+        self.device = "cpu"  # where the arrays live: one device for all of them
+        for i, (name, x) in enumerate(tensors.items()):
             try:
                 dtype = arrays.dtype_name(x)
             except TypeError as exc:
                 raise MergeInputError(f"tensor '{name}' of {label}: {exc}") from None
             shape = arrays.shape_of(x)
             self.meta[name] = TensorMeta(shape, dtype, arrays.nbytes(shape, dtype))
+            device = arrays.device_of(x)
+            if i == 0:
+                self.device = device
+            elif device != self.device:
+                raise MergeInputError(
+                    f"tensor '{name}' of {label} is on {device}, its other tensors on "
+                    f"{self.device}: move the state dict to one device"
+                )
 
     def where(self, name: str) -> str:
         return ""  # in memory: the label says it all
@@ -178,6 +187,11 @@ class ModelSet:
         return path if path.is_dir() else path.parent
 
     @property
+    def memory_device(self) -> str:
+        """Where the in-memory inputs live ('cpu' for checkpoints): merged tensors go there."""
+        return getattr(self.models[0], "device", "cpu")
+
+    @property
     def from_files(self) -> bool:
         """Every input is read from safetensors files by the core (never from anonymous
         memory), so pages of mapped inputs may be dropped once converted."""
@@ -185,6 +199,12 @@ class ModelSet:
 
     def _check(self) -> None:
         base = self.models[0].meta
+        devices = {getattr(m, "device", "cpu") for m in self.models}
+        if len(devices) > 1:
+            raise MergeInputError(
+                f"the models are on different devices ({', '.join(sorted(devices))}): "
+                "move them to one device"
+            )
         for model in self.models[1:]:
             missing = sorted(set(base) - set(model.meta))
             extra = sorted(set(model.meta) - set(base))

@@ -95,12 +95,11 @@ def merge_batch(
     plan: MergePlan, models: ModelSet, batch: Batch, outs: list[Any], options: core.MergeOptions
 ) -> None:
     """Merge the float tensors of `batch` into `outs` (one preallocated array each)."""
-    alpha = plan.request.alpha
     if plan.gpu is not None and all(t.matrix for t in batch.tensors):
-        rank_tol = options.matrix.rank_tol
         for t, out in zip(batch.tensors, outs, strict=True):
             base, *tuned = models.views(t.name)
-            plan.gpu.merge(base, tuned, out, alpha, None if rank_tol < 0 else rank_tol)
+            with models.naming_files():
+                plan.gpu.merge(base, tuned, out, options)
             models.release(t.name)  # read through the mapping: keep RSS flat
         return
     items = [
@@ -113,18 +112,31 @@ def merge_batch(
 
 
 def merge_in_memory(plan: MergePlan, models: ModelSet, kind: str) -> dict[str, Any]:
-    """Every tensor merged into a new array of `kind` ("torch" or "numpy"), in the models'
-    order."""
+    """Every tensor merged into a new array of `kind` ("torch", "cupy" or "numpy"), in the
+    models' order, on the device the inputs live on. Inputs on a GPU with `device: cuda`: the
+    matrix keys merge there without leaving it; everything else goes through the CPU core and
+    its result back to the GPU."""
     options = core_options(plan, models)
+    device = models.memory_device
     merged: dict[str, Any] = {}
     for batch in plan.batches:
         if batch.tensors[0].copy:
             t = batch.tensors[0]
             merged[t.name] = arrays.copy_as(models.base.view(t.name), kind)
             continue
+        if device != "cpu" and plan.gpu is not None and all(t.matrix for t in batch.tensors):
+            for t in batch.tensors:
+                base, *tuned = models.views(t.name)
+                with models.naming_files():
+                    result = plan.gpu.merge_on_device(base, tuned, options, t.out_dtype)
+                merged[t.name] = arrays.from_torch(result, kind)
+            continue
         outs = [arrays.empty(t.shape, t.out_dtype, kind) for t in batch.tensors]
         merge_batch(plan, models, batch, outs, options)
-        merged.update((t.name, o) for t, o in zip(batch.tensors, outs, strict=True))
+        merged.update(
+            (t.name, arrays.to_device(o, device, kind))
+            for t, o in zip(batch.tensors, outs, strict=True)
+        )
     log_routes()
     return {t.name: merged[t.name] for t in plan.tensors}
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from isofast.cuda_merge import CudaIsoC, gpu_for
+from isofast.cuda_merge import CudaMatrixMerge, gpu_for, gpu_work_bytes
 from isofast.errors import MergeWarning
 from isofast.io.dtypes import FLOAT_DTYPES, by_name
 from isofast.methods import MethodSpec, Params, get_method
@@ -89,11 +89,21 @@ class MergePlan:
     batches: tuple[Batch, ...]  # in merge and write order: copied tensors first
     input_bytes: int
     threads: int
-    gpu: CudaIsoC | None
+    gpu: CudaMatrixMerge | None
 
     @property
     def output_bytes(self) -> int:
         return sum(t.out_bytes for t in self.tensors)
+
+    @property
+    def gpu_bytes(self) -> int:
+        """GPU memory of the largest matrix key merged on the GPU (keys go one at a time)."""
+        if self.gpu is None:
+            return 0
+        return max((self._gpu_work(t) for t in self.tensors if t.matrix), default=0)
+
+    def _gpu_work(self, t: TensorPlan) -> int:
+        return gpu_work_bytes(t.shape, self.tasks, self.spec.kernel, by_name(t.dtype).itemsize)
 
     @property
     def ring_bytes(self) -> int:
@@ -162,9 +172,15 @@ def make_plan(request: MergeRequest, models: ModelSet) -> MergePlan:
         gpu=gpu,
     )
     if gpu is not None:
+        for t in tensors:
+            if t.matrix:
+                gpu.check_fits(t.name, t.shape, plan._gpu_work(t))
         matrices = sum(t.matrix for t in tensors)
         log.info(
-            "%s: %d matrices on the GPU, the other tensors on the CPU", request.device, matrices
+            "%s: %d matrices on the GPU (about %s at most), the other tensors on the CPU",
+            request.device,
+            matrices,
+            mib(plan.gpu_bytes),
         )
     for b in plan.batches:
         if len(b.tensors) > 1:
@@ -248,6 +264,11 @@ def format_plan(plan: MergePlan) -> str:
         f"input       {mib(plan.input_bytes)} to read",
         f"output      {mib(plan.output_bytes)} to write",
         f"peak memory about {mib(plan.peak_bytes)} (estimate)",
+        *(
+            [f"GPU memory  about {mib(plan.gpu_bytes)} (largest key on {r.device})"]
+            if plan.gpu
+            else []
+        ),
         "",
         f"{'tensor':48s} {'shape':>18s} {'dtype':>9s} {'treatment':>11s} {'work':>12s}",
     ]

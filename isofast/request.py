@@ -40,6 +40,21 @@ class Setting:
 SETTINGS: tuple[Setting, ...] = (
     Setting("base", "base_model", "--base", "base (pre-trained) model: folder or file"),
     Setting("models", "models", "--model", "fine-tuned model: folder or file (repeat the flag)"),
+    Setting(
+        "adapters",
+        "adapters",
+        "--adapter",
+        "PEFT LoRA adapter folder, merged instead of fine-tuned models (repeat the flag)",
+    ),
+    Setting(
+        "output",
+        "output",
+        "--output",
+        "adapter merges: write an 'adapter' (default) or a full 'model' (needs the base)",
+    ),
+    Setting(
+        "max_rank", "max_rank", "--max-rank", "adapter output: truncate each module to this rank"
+    ),
     Setting("method", "method", "--method", "merge method (see `isofast methods`)"),
     Setting("alpha", "alpha", "--alpha", "scale of the merged update: theta0 + alpha * M"),
     Setting("params", "parameters", "--param", "method parameter NAME=VALUE (repeat the flag)"),
@@ -74,6 +89,10 @@ class MergeRequest:
     Made from keyword arguments, a config or flags; normalised on creation:
     paths become absolute, a single `exclude` string becomes a one-element tuple, dtypes take
     their canonical names, and the method's parameters are checked.
+
+    A merge of LoRA adapters (isofast.adapters) gives `adapters` instead of `models`; its
+    `base` may then be an empty mapping (no base model: `has_base` is False), `output` says
+    whether it writes an adapter or a model, and `max_rank` caps an adapter's ranks.
     """
 
     base: ModelSource
@@ -89,6 +108,9 @@ class MergeRequest:
     max_shard_bytes: int = DEFAULT_SHARD_BYTES
     allow_pickle: bool = False
     device: str = "cpu"
+    adapters: tuple[ModelSource, ...] = ()
+    output: str | None = None  # "adapter" or "model"; default: adapter for adapter merges
+    max_rank: int | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -97,8 +119,14 @@ class MergeRequest:
         put("base", _source(self.base, "base model"))
         models = [self.models] if isinstance(self.models, (str, os.PathLike)) else self.models
         put("models", tuple(_source(m, "fine-tuned model") for m in models))
-        if not self.models:
+        single = isinstance(self.adapters, (str, os.PathLike))
+        adapters = [self.adapters] if single else self.adapters or ()
+        put("adapters", tuple(_source(a, "adapter") for a in adapters))
+        if self.models and self.adapters:
+            raise MergeInputError("give fine-tuned models or LoRA adapters to merge, not both")
+        if not self.models and not self.adapters:
             raise MergeInputError("no fine-tuned models given (T = 0): need at least one")
+        self._check_output()
         for name in ("method", "compute_dtype", "device"):
             if not isinstance(getattr(self, name), str):
                 raise MergeInputError(f"{name} must be a name, got {short(getattr(self, name))}")
@@ -131,6 +159,26 @@ class MergeRequest:
             )
         put("device", parse_device(self.device))
 
+    def _check_output(self) -> None:
+        output = self.output if self.output is not None else "adapter" if self.adapters else "model"
+        if output not in ("adapter", "model"):
+            raise MergeInputError(f"output must be 'adapter' or 'model', got {short(output)}")
+        if output == "adapter" and not self.adapters:
+            raise MergeInputError("output: adapter needs LoRA adapters to merge (adapters: [...])")
+        if output == "model" and not self.has_base:
+            raise MergeInputError("output: model needs the base model (base_model) to add to")
+        object.__setattr__(self, "output", output)
+        if self.max_rank is not None:
+            if _integer(self.max_rank, "max_rank") < 1:
+                raise MergeInputError(f"max_rank must be at least 1, got {short(self.max_rank)}")
+            if output != "adapter":
+                raise MergeInputError("max_rank applies to output: adapter only")
+
+    @property
+    def has_base(self) -> bool:
+        """False only for an adapter merge without a base model (an empty mapping)."""
+        return not (self.adapters and isinstance(self.base, Mapping) and not self.base)
+
     @property
     def method_params(self) -> Params:
         """The method's typed parameters (defaults filled in)."""
@@ -139,7 +187,8 @@ class MergeRequest:
     @property
     def on_disk(self) -> bool:
         """Whether every model is a path (so the request can be written as a config)."""
-        return all(isinstance(m, str) for m in (self.base, *self.models))
+        bases = (self.base,) if self.has_base else ()
+        return all(isinstance(m, str) for m in (*bases, *self.models, *self.adapters))
 
     def replace(self, **changes: Any) -> MergeRequest:
         return dataclasses.replace(self, **changes)
@@ -151,6 +200,8 @@ class MergeRequest:
             raise MergeInputError("a merge of in-memory models cannot be written as a config")
         values = {s.key: getattr(self, s.field) for s in SETTINGS}
         values["models"] = list(self.models)
+        values["adapters"] = list(self.adapters)
+        values["base_model"] = self.base if self.has_base else None
         values["parameters"] = dataclasses.asdict(self.method_params)  # defaults spelled out
         values["exclude"] = list(self.exclude)
         return values
@@ -172,15 +223,22 @@ def config_fields(data: Mapping[str, Any], where: str, root: Path) -> dict[str, 
         raise MergeInputError(
             f"{where}: unknown config key(s) {unknown}; known: {sorted(CONFIG_KEYS)}"
         )
-    for key in ("base_model", "models"):
+    adapters = data.get("adapters") or []
+    if not isinstance(adapters, list):
+        raise MergeInputError(f"{where}: 'adapters' must be a list of adapter folders")
+    # An adapter merge needs neither models nor (for output: adapter) a base model.
+    for key in ("base_model", "models") if not adapters else ():
         if key not in data:
             raise MergeInputError(f"{where}: missing required key '{key}'")
-    models = data["models"]
-    if not isinstance(models, list) or not models:
+    models = data.get("models") or []
+    if not isinstance(models, list) or not (models or adapters):
         raise MergeInputError(f"{where}: 'models' must be a non-empty list")
     fields = {CONFIG_KEYS[k]: v for k, v in data.items() if v is not None or k == "out_dtype"}
-    fields["base"] = model_path(data["base_model"], f"{where}: base_model", root)
+    base = data.get("base_model")
+    no_base = adapters and base is None
+    fields["base"] = {} if no_base else model_path(base, f"{where}: base_model", root)
     fields["models"] = tuple(model_path(m, f"{where}: models", root) for m in models)
+    fields["adapters"] = tuple(model_path(a, f"{where}: adapters", root) for a in adapters)
     return fields
 
 

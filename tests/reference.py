@@ -111,10 +111,11 @@ def iso_cts(
     common_space_fraction: float = 0.8,
     rank_tol: float | None = None,
     eps: float = F64_EPS,
-    rank_aware: bool = False,
+    rank_aware: bool = True,
 ) -> Array:
-    """rank_aware: the sizes come from the numerical rank q of the sum instead of
-    r = min(m, n) (CONTRACT.md, "LoRA adapters"); the same for a full-rank sum."""
+    """The block sizes come from the numerical rank q of the sum (CONTRACT.md, "Iso-CTS
+    sizes"; the same as r = min(m, n) for a full-rank sum); rank_aware=False: from r, the
+    paper's code on rank-deficient sums."""
     ds = _f64(deltas)
     d = np.sum(np.stack(ds), axis=0)
     # One scale for every block: sigma_max of the sum (CONTRACT.md).

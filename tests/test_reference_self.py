@@ -145,9 +145,13 @@ def test_iso_cts_rank_deficient() -> None:
     out = ref.iso_cts(ds)
     sv = svals(out)
     rank = np.count_nonzero(sv > 1e-10 * sv[0])
-    # k = 12 > q = 6, and the projected tasks are then zero: only the range of D is kept.
+    # Sizes from the numerical rank q = 6 (not r = 14): k = 3 common directions and s = 1 per
+    # task; the merged update has rank 6 with a flat spectrum.
+    assert ref.iso_cts_sizes(6, 3, 0.8) == (3, 1)
     assert rank == 6
-    assert rel(out, ref.iso_c(ds)) < 1e-10
+    np.testing.assert_allclose(sv[:6], sv[0], rtol=1e-10)
+    # The rule of the paper's code (sizes from r: k = 12 > q) keeps only the range of D.
+    assert rel(ref.iso_cts(ds, rank_aware=False), ref.iso_c(ds)) < 1e-10
 
 
 def test_tsv_m_rank_deficient() -> None:

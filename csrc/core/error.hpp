@@ -15,8 +15,13 @@ struct Error : std::runtime_error {
 struct ValueError : Error {
   using Error::Error;
 };
-// A LAPACK/BLAS routine reported failure (maps to isofast.LinAlgError).
+// A LAPACK/BLAS or cuSOLVER routine reported failure (maps to isofast.LinAlgError).
 struct LinAlgError : Error {
+  using Error::Error;
+};
+// A CUDA runtime / cuBLAS / cuSOLVER call failed (maps to isofast.IsofastError); raised by the
+// checks of csrc/cuda/cuda_check.cuh.
+struct CudaError : Error {
   using Error::Error;
 };
 

@@ -16,7 +16,8 @@
 #include "../py_dlpack.hpp"
 #include "cuda_backend.cuh"
 #include "cuda_check.cuh"
-#include "iso_c_cuda.cuh"
+#include "../core/route_log.hpp"
+#include "matrix_merge_cuda.cuh"
 
 namespace py = pybind11;
 using namespace isofast;
@@ -94,10 +95,8 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
-py::dict iso_c_py(const py::list& finetuned, py::handle out, py::handle base, double alpha,
-                  double lower_bound, double tol, const std::string& compute, int tf32_steps,
-                  const py::object& rank_tol, bool force_svd, const py::object& stream_obj,
-                  const py::object& qr) {
+void merge_matrix_py(const MergeOptions& options, const py::list& finetuned, py::handle out,
+                     py::handle base, const py::object& stream_obj) {
   const std::uintptr_t stream = stream_obj.is_none() ? 0 : stream_obj.cast<std::uintptr_t>();
   Keepalive keep;
   std::vector<DeviceTensor> fts;
@@ -122,44 +121,10 @@ py::dict iso_c_py(const py::list& finetuned, py::handle out, py::handle base, do
     check_device(b, "the base tensor");
     base_tensor = std::move(b.tensor);
   }
-  IsoCCudaOptions opt;
-  opt.alpha = alpha;
-  opt.lower_bound = lower_bound;
-  opt.tol = tol;
-  ISOFAST_CHECK(compute == "float64" || compute == "float32",
-                "iso_c (cuda): compute must be 'float64' or 'float32', got '", compute, "'");
-  opt.compute64 = compute == "float64";
-  opt.tf32_steps = tf32_steps;
-  opt.rank_tol = rank_tol.is_none() ? -1.0 : rank_tol.cast<double>();
-  opt.force_svd = force_svd;
-  opt.qr_reduce = qr.is_none() ? -1 : (qr.cast<bool>() ? 1 : 0);
-
-  IsoCCudaReport rep;
-  {
-    py::gil_scoped_release release;
-    DeviceGuard guard(device < 0 ? 0 : device);
-    rep = iso_c_cuda(fts, has_base ? &base_tensor : nullptr, o.tensor, opt,
-                     reinterpret_cast<cudaStream_t>(stream));
-  }
-  if (!rep.warning.empty()) {
-    // A Python warning (not a print): filterwarnings="error" turns it into an exception.
-    if (PyErr_WarnEx(PyExc_RuntimeWarning, rep.warning.c_str(), 1) != 0) throw py::error_already_set();
-  }
-  py::dict d;
-  d["route"] = rep.route;
-  d["cert_orth"] = rep.cert_orth;
-  d["cert_sym"] = rep.cert_sym;
-  d["steps"] = rep.steps;
-  d["sigma_bar"] = rep.sigma_bar;
-  d["rank"] = rep.rank;
-  d["qr"] = rep.qr;
-  if (rep.route == "svd") {
-    d["sigma_max"] = rep.sigma_max;
-    d["svd_err_sigma"] = rep.svd_err_sigma;
-    d["sigma_cut"] = rep.sigma_cut;
-    d["sigma_first_dropped"] = rep.sigma_first_dropped;
-  }
-  return d;
+  py::gil_scoped_release release;
+  DeviceGuard guard(device < 0 ? 0 : device);
+  merge_matrix_cuda(options, fts, has_base ? &base_tensor : nullptr, o.tensor,
+                    reinterpret_cast<cudaStream_t>(stream));
 }
 
 std::string device_name_py(int device) {
@@ -175,7 +140,7 @@ void synchronize_py() {
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "isofast CUDA backend (cuBLAS / cuSOLVER): GPU Iso-C by a certified polar iteration";
+  m.doc() = "isofast CUDA backend (cuBLAS / cuSOLVER): the core's matrix methods on the GPU";
 
   pyglue::register_error_translator();
 
@@ -185,16 +150,14 @@ PYBIND11_MODULE(_cuda, m) {
   py::module_::import("atexit").attr("register")(m.attr("release"));
   m.def("device_name", &device_name_py, py::arg("device") = 0, "Name of a CUDA device.");
   m.def("synchronize", &synchronize_py, "cudaDeviceSynchronize().");
-  m.def("iso_c", &iso_c_py, py::arg("finetuned"), py::arg("out"), py::arg("base") = py::none(),
-        py::arg("alpha") = 1.0, py::arg("lower_bound") = 1e-6, py::arg("tol") = 1e-5,
-        py::arg("compute") = "float64", py::arg("tf32_steps") = 0,
-        py::arg("rank_tol") = py::none(), py::arg("force_svd") = false,
-        py::arg("stream") = py::none(), py::arg("qr") = py::none(),
-        "Iso-C of one 2-D key on the GPU. finetuned: CUDA tensors theta_t (or task matrices D_t "
-        "when base is None); out (written): base + alpha * sigma_bar * polar(sum_t D_t). "
-        "Returns {route, cert_orth, cert_sym, steps, sigma_bar, rank}; warns (RuntimeWarning) "
-        "when the polar iteration falls back to the SVD route. stream: a cudaStream_t as int "
-        "(e.g. torch.cuda.current_stream().cuda_stream); None: the legacy default stream. qr: run the "
-        "iteration on the R factor of a QR of D (True), never (False), or when max(m, n) >= "
-        "3 min(m, n) and min(m, n) >= 2048 (None).");
+  // MergeOptions is the type isofast._core registers: import it first, share its binding.
+  py::module_::import("isofast._core");
+  m.def("merge_matrix", &merge_matrix_py, py::arg("options"), py::arg("finetuned"),
+        py::arg("out"), py::arg("base") = py::none(), py::arg("stream") = py::none(),
+        "One 2-D key merged on the GPU by the core's method code (options.kernel: iso_c, iso_cts "
+        "or tsv_m). finetuned: CUDA tensors theta_t (or task matrices D_t when base is None); out "
+        "(written): base + alpha * M. stream: a cudaStream_t as int (e.g. "
+        "torch.cuda.current_stream().cuda_stream); None: the legacy default stream.");
+  m.def("take_route_counts", [] { return RouteLog::instance().take(); },
+        "Routes and fallbacks the GPU merges took since the last call, with counts.");
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <type_traits>
 
+#include "../linalg/check.hpp"
 #include "kernels.cuh"
 
 namespace isofast {
@@ -108,16 +109,6 @@ void CudaBackend<T>::syrk(bool trans, int n, int k, T alpha, const T* a, int lda
 }
 
 template <class T>
-void CudaBackend<T>::gemv(int n, const T* a, int lda, const T* x, T* y) {
-  const T one = 1, zero = 0;
-  if (n == 0) return;
-  if constexpr (std::is_same_v<T, float>)
-    ISOFAST_CUBLAS_CHECK(cublasSgemv(ctx_.blas(), CUBLAS_OP_N, n, n, &one, a, lda, x, 1, &zero, y, 1));
-  else
-    ISOFAST_CUBLAS_CHECK(cublasDgemv(ctx_.blas(), CUBLAS_OP_N, n, n, &one, a, lda, x, 1, &zero, y, 1));
-}
-
-template <class T>
 void CudaBackend<T>::geam(bool trans_a, bool trans_b, int m, int n, T alpha, const T* a, int lda,
                           T beta, const T* b, int ldb, T* c, int ldc) {
   if (m == 0 || n == 0) return;
@@ -130,11 +121,76 @@ void CudaBackend<T>::geam(bool trans_a, bool trans_b, int m, int n, T alpha, con
 }
 
 template <class T>
-void CudaBackend<T>::set_tf32(bool on) {
-  if constexpr (std::is_same_v<T, float>)
-    ISOFAST_CUBLAS_CHECK(cublasSetMathMode(ctx_.blas(), on ? CUBLAS_TF32_TENSOR_OP_MATH : CUBLAS_DEFAULT_MATH));
-  else
-    (void)on;
+Backend<double>& CudaBackend<T>::f64() {
+  if constexpr (std::is_same_v<T, double>) {
+    return *this;
+  } else {
+    if (!twin_) twin_ = std::make_unique<CudaBackend<double>>(ctx_);
+    return *twin_;
+  }
+}
+
+template <class T>
+std::shared_ptr<T> CudaBackend<T>::allocate(size_t count) {
+  cudaStream_t st = ctx_.stream();
+  void* p = nullptr;
+  ISOFAST_CUDA_CHECK(cudaMallocAsync(&p, sizeof(T) * std::max<size_t>(count, 1), st));
+  // Stream-ordered free: the memory may go while kernels that read it are still queued.
+  return std::shared_ptr<T>(static_cast<T*>(p), [st](T* q) { cudaFreeAsync(q, st); });
+}
+
+template <class T>
+void CudaBackend<T>::copy(int rows, int cols, const T* a, int lda, T* b, int ldb, bool transpose) {
+  if (rows == 0 || cols == 0) return;
+  if (transpose) {  // B (cols x rows) = A^T; beta = 0 reads nothing from B
+    geam(true, false, cols, rows, T(1), a, lda, T(0), b, ldb, b, ldb);
+    return;
+  }
+  ISOFAST_CUDA_CHECK(cudaMemcpy2DAsync(b, sizeof(T) * ldb, a, sizeof(T) * lda, sizeof(T) * rows,
+                                       cols, cudaMemcpyDeviceToDevice, ctx_.stream()));
+}
+
+template <class T>
+void CudaBackend<T>::to_f64(int rows, int cols, const T* a, int lda, double* b, int ldb) {
+  cuda::convert_2d<T, double>(rows, cols, a, lda, b, ldb, ctx_.stream());
+}
+
+template <class T>
+void CudaBackend<T>::from_f64(int rows, int cols, const double* a, int lda, T* b, int ldb) {
+  cuda::convert_2d<double, T>(rows, cols, a, lda, b, ldb, ctx_.stream());
+}
+
+template <class T>
+void CudaBackend<T>::fill(int rows, int cols, T value, T* a, int lda) {
+  cuda::fill_2d<T>(rows, cols, value, a, lda, ctx_.stream());
+}
+
+template <class T>
+void CudaBackend<T>::add(size_t n, const T* x, T* y) {
+  cuda::add<T>(n, x, y, ctx_.stream());
+}
+
+template <class T>
+void CudaBackend<T>::scale_columns(int rows, int cols, T* a, int lda, const std::vector<double>& f,
+                                   bool divide) {
+  if (rows == 0 || cols == 0) return;
+  cudaStream_t st = ctx_.stream();
+  DeviceBuffer<double> factors(static_cast<size_t>(cols), st);
+  ISOFAST_CUDA_CHECK(cudaMemcpyAsync(factors.get(), f.data(), sizeof(double) * cols,
+                                     cudaMemcpyHostToDevice, st));
+  cuda::scale_columns<T>(rows, cols, a, lda, factors.get(), divide, st);
+  // The host vector may go once the copy is done: wait for it (a small synchronisation).
+  ISOFAST_CUDA_CHECK(cudaStreamSynchronize(st));
+}
+
+template <class T>
+std::vector<T> CudaBackend<T>::to_host(const T* a, size_t n) {
+  std::vector<T> out(n);
+  if (n == 0) return out;
+  ISOFAST_CUDA_CHECK(cudaMemcpyAsync(out.data(), a, sizeof(T) * n, cudaMemcpyDeviceToHost,
+                                     ctx_.stream()));
+  ISOFAST_CUDA_CHECK(cudaStreamSynchronize(ctx_.stream()));
+  return out;
 }
 
 // Thin SVD by cusolverDnXgesvdp. It returns V (not V^T); for m < n it runs on A^T, whose
@@ -191,7 +247,7 @@ void CudaBackend<T>::svd(int m, int n, T* a, int lda, T* s, T* u, int ldu, T* vt
                                            mm, nn, dt, work_a, ld_a, dt, s, dt, left, ld_left, dt,
                                            right, ld_right, dt, dev_ws, dev_bytes, host_ws,
                                            host_bytes, ctx_.device_info(), &err_sigma));
-  check_cusolver_info("cusolverDnXgesvdp", ctx_.read_info(), m, n);
+  check_solver_info("cusolverDnXgesvdp", ctx_.read_info(), m, n);
   err_sigma_ = err_sigma;
   // vt (r x n) = (V of the tall problem)^T when tall, (U' of A^T)^T when wide.
   // Zero vt first (beta = 0 with B = C, as above).
@@ -224,7 +280,7 @@ void CudaBackend<T>::eigh_top(int n, T* a, int lda, int count, T* w, T* z, int l
                                           CUBLAS_FILL_MODE_LOWER, n, dt, a, lda, dt, wall.get(), dt,
                                           dev_ws, dev_bytes, host_ws, host_bytes,
                                           ctx_.device_info()));
-  check_cusolver_info("cusolverDnXsyevd", ctx_.read_info(), n, n);
+  check_solver_info("cusolverDnXsyevd", ctx_.read_info(), n, n);
   // Ascending from syevd; callers want the largest `count`, descending.
   cuda::take_last_reversed(a, lda, n, n, count, z, ldz, wall.get(), w, st);
 }

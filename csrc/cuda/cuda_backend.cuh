@@ -60,6 +60,18 @@ class CudaBackend final : public Backend<T> {
  public:
   explicit CudaBackend(CudaContext& ctx) : ctx_(ctx) {}
   const char* name() const override { return "cuda"; }
+  Backend<double>& f64() override;
+
+  // Stream-ordered device memory from the pool (cudaMallocAsync / cudaFreeAsync).
+  std::shared_ptr<T> allocate(size_t count) override;
+  void copy(int rows, int cols, const T* a, int lda, T* b, int ldb, bool transpose) override;
+  void to_f64(int rows, int cols, const T* a, int lda, double* b, int ldb) override;
+  void from_f64(int rows, int cols, const double* a, int lda, T* b, int ldb) override;
+  void fill(int rows, int cols, T value, T* a, int lda) override;
+  void add(size_t n, const T* x, T* y) override;
+  void scale_columns(int rows, int cols, T* a, int lda, const std::vector<double>& f,
+                     bool divide) override;
+  std::vector<T> to_host(const T* a, size_t n) override;
 
   void gemm(bool trans_a, bool trans_b, int m, int n, int k, T alpha, const T* a, int lda,
             const T* b, int ldb, T beta, T* c, int ldc) override;
@@ -68,11 +80,6 @@ class CudaBackend final : public Backend<T> {
   void svd(int m, int n, T* a, int lda, T* s, T* u, int ldu, T* vt, int ldvt) override;
   void eigh_top(int n, T* a, int lda, int count, T* w, T* z, int ldz) override;
 
-  // y = A x for the n x n column-major A (device vectors).
-  void gemv(int n, const T* a, int lda, const T* x, T* y);
-  // Float32 GEMMs on TF32 tensor cores (CUBLAS_TF32_TENSOR_OP_MATH) or full fp32
-  // (CUBLAS_DEFAULT_MATH, the default). No effect for double.
-  void set_tf32(bool on);
   // C = alpha op(A) + beta op(B) (cublas<t>geam): transposes and scaled copies.
   void geam(bool trans_a, bool trans_b, int m, int n, T alpha, const T* a, int lda, T beta,
             const T* b, int ldb, T* c, int ldc);
@@ -84,6 +91,7 @@ class CudaBackend final : public Backend<T> {
  private:
   CudaContext& ctx_;
   double err_sigma_ = 0;
+  std::unique_ptr<CudaBackend<double>> twin_;  // f64() of a float backend
 };
 
 // Name of the current device and whether any CUDA device is usable (never throws).

@@ -3,7 +3,7 @@
 //   ISOFAST_CUDA_CHECK(cudaMallocAsync(&p, bytes, stream));
 //   ISOFAST_CUBLAS_CHECK(cublasSgemm(...));
 //   ISOFAST_CUSOLVER_CHECK(cusolverDnXsyevd(...));
-//   check_cusolver_info("cusolverDnXgesvdp", info, m, n);   // info read back to the host
+// cuSOLVER `info` codes go through check_solver_info (linalg/check.hpp), LAPACK's checker.
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -14,12 +14,6 @@
 #include "../core/error.hpp"
 
 namespace isofast {
-
-// A CUDA runtime / cuBLAS / cuSOLVER call failed (maps to isofast.IsofastError). Numerical
-// failures (cuSOLVER info > 0, non-finite input) are LinAlgError instead.
-struct CudaError : Error {
-  using Error::Error;
-};
 
 inline const char* cusolver_status_name(cusolverStatus_t s) {
   switch (s) {
@@ -61,17 +55,6 @@ namespace detail {
 }
 
 }  // namespace detail
-
-// cuSOLVER's `info` (already copied to the host): < 0 is an argument bug of ours, > 0 a
-// numerical failure of the routine on this input (LinAlgError, as LAPACK's in check.hpp).
-inline void check_cusolver_info(const char* routine, int info, long long m, long long n) {
-  if (info == 0) return;
-  if (info < 0)
-    throw CudaError(concat(routine, " on a ", m, " x ", n, " matrix: argument ", -info,
-                           " had an illegal value (an isofast bug)"));
-  throw LinAlgError(concat(routine, " on a ", m, " x ", n, " matrix did not converge (info = ",
-                           info, "); the input may hold NaN/Inf or be badly scaled"));
-}
 
 }  // namespace isofast
 

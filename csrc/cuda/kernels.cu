@@ -99,107 +99,6 @@ __global__ void write_kernel(const T* m, double s, const void* base, int bc, voi
 }
 
 template <class T>
-__global__ void scale_kernel(const T* src, T* dst, T s, size_t n) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x)
-    dst[i] = s * src[i];
-}
-
-template <class T>
-__global__ void lincomb_kernel(T* out, T b, const T* g, T c, const T* g2, size_t n) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x)
-    out[i] = b * g[i] + c * g2[i];
-}
-
-template <class T>
-__global__ void poly_h_kernel(T* h, T a, T b, const T* g, T c, const T* g2, int n) {
-  const size_t total = static_cast<size_t>(n) * n;
-  for (size_t k = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; k < total;
-       k += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const T v = b * g[k] + c * g2[k];
-    h[k] = (k % n == k / n) ? v + a : v;
-  }
-}
-
-template <class T>
-__global__ void upper_triangle_kernel(const T* a, int lda, int n, T* r) {
-  const size_t total = static_cast<size_t>(n) * n;
-  for (size_t k = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; k < total;
-       k += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const int i = static_cast<int>(k % n), j = static_cast<int>(k / n);
-    r[k] = i <= j ? a[i + static_cast<size_t>(j) * lda] : T(0);
-  }
-}
-
-template <class T>
-__global__ void symmetrize_kernel(T* g, int n) {
-  const size_t total = static_cast<size_t>(n) * n;
-  for (size_t k = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; k < total;
-       k += static_cast<size_t>(gridDim.x) * blockDim.x) {
-    const int i = static_cast<int>(k % n), j = static_cast<int>(k / n);
-    if (i < j) g[k] = g[j + static_cast<size_t>(i) * n];  // upper (i < j) from lower (j, i)
-  }
-}
-
-template <class From, class To>
-__global__ void convert_kernel(const From* src, To* dst, size_t n) {
-  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<size_t>(gridDim.x) * blockDim.x)
-    dst[i] = static_cast<To>(src[i]);
-}
-
-// Fixed-shape block reduction of kThreads doubles in shared memory (deterministic order).
-__device__ double block_sum(double v, double* sh) {
-  sh[threadIdx.x] = v;
-  __syncthreads();
-  for (int s = kThreads / 2; s > 0; s >>= 1) {
-    if (threadIdx.x < s) sh[threadIdx.x] += sh[threadIdx.x + s];
-    __syncthreads();
-  }
-  const double out = sh[0];
-  __syncthreads();
-  return out;
-}
-
-template <class T>
-__global__ void power_step_kernel(const T* w, T* v, int n, double* rq) {
-  __shared__ double sh[kThreads];
-  double vv = 0, vw = 0, ww = 0;
-  for (int i = threadIdx.x; i < n; i += kThreads) {
-    const double vi = static_cast<double>(v[i]), wi = static_cast<double>(w[i]);
-    vv += vi * vi;
-    vw += vi * wi;
-    ww += wi * wi;
-  }
-  vv = block_sum(vv, sh);  // block_sum ends with a barrier: every v[i] was read before the writes
-  vw = block_sum(vw, sh);
-  ww = block_sum(ww, sh);
-  if (threadIdx.x == 0) *rq = (vv > 0 && ww > 0) ? vw / vv : 0.0;
-  const double inv = ww > 0 ? 1.0 / sqrt(ww) : 0.0;
-  for (int i = threadIdx.x; i < n; i += kThreads) v[i] = static_cast<T>(static_cast<double>(w[i]) * inv);
-}
-
-template <class T>
-__global__ void column_norms_kernel(const T* a, int rows, int lda, double* sumsq, double* sumabs) {
-  __shared__ double sh[kThreads];
-  const int j = blockIdx.x;
-  const T* col = a + static_cast<size_t>(j) * lda;
-  double sq = 0, ab = 0;
-  for (int i = threadIdx.x; i < rows; i += kThreads) {
-    const double v = static_cast<double>(col[i]);
-    sq += v * v;
-    ab += fabs(v);
-  }
-  sq = block_sum(sq, sh);
-  ab = block_sum(ab, sh);
-  if (threadIdx.x == 0) {
-    sumsq[j] = sq;
-    sumabs[j] = ab;
-  }
-}
-
-template <class T>
 __global__ void nonfinite_kernel(const T* a, int rows, int cols, int lda, int* flag) {
   const size_t total = static_cast<size_t>(rows) * cols;
   int bad = 0;
@@ -211,30 +110,6 @@ __global__ void nonfinite_kernel(const T* a, int rows, int cols, int lda, int* f
   if (bad) atomicOr(flag, 1);
 }
 
-__global__ void certificate_kernel(const double* c1, const double* c2, int n, double* orth,
-                                   double* skew, double* diag) {
-  __shared__ double sh[kThreads];
-  const int j = blockIdx.x;
-  double o = 0, s = 0;
-  for (int i = j + threadIdx.x; i < n; i += kThreads) {
-    const double v1 = c1[i + static_cast<size_t>(j) * n];
-    if (i == j) {
-      o += (v1 - 1.0) * (v1 - 1.0);
-    } else {
-      o += 2.0 * v1 * v1;
-      const double d = c2[i + static_cast<size_t>(j) * n] - c2[j + static_cast<size_t>(i) * n];
-      s += 2.0 * d * d;
-    }
-  }
-  o = block_sum(o, sh);
-  s = block_sum(s, sh);
-  if (threadIdx.x == 0) {
-    orth[j] = o;
-    skew[j] = s;
-    diag[j] = c2[j + static_cast<size_t>(j) * n];
-  }
-}
-
 template <class T>
 __global__ void reverse_kernel(const T* src, int ld_src, int rows, int total, int count, T* dst,
                                int ld_dst, const T* w_src, T* w_dst) {
@@ -244,6 +119,42 @@ __global__ void reverse_kernel(const T* src, int ld_src, int rows, int total, in
     const int i = static_cast<int>(k % rows), j = static_cast<int>(k / rows);
     dst[i + static_cast<size_t>(j) * ld_dst] = src[i + static_cast<size_t>(total - 1 - j) * ld_src];
     if (i == 0) w_dst[j] = w_src[total - 1 - j];
+  }
+}
+
+// Grid-stride loop over the rows x cols elements of a column-major matrix.
+#define ISOFAST_FOR_2D(rows, cols, i, j)                                                     \
+  for (size_t k_ = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x,               \
+              total_ = static_cast<size_t>(rows) * (cols);                                   \
+       k_ < total_; k_ += static_cast<size_t>(gridDim.x) * blockDim.x)                      \
+    if (const int i = static_cast<int>(k_ % (rows)), j = static_cast<int>(k_ / (rows)); true)
+
+template <class From, class To>
+__global__ void convert_2d_kernel(int rows, int cols, const From* a, int lda, To* b, int ldb) {
+  ISOFAST_FOR_2D(rows, cols, i, j)
+  b[i + static_cast<size_t>(j) * ldb] = static_cast<To>(a[i + static_cast<size_t>(j) * lda]);
+}
+
+template <class T>
+__global__ void fill_2d_kernel(int rows, int cols, T value, T* a, int lda) {
+  ISOFAST_FOR_2D(rows, cols, i, j) a[i + static_cast<size_t>(j) * lda] = value;
+}
+
+template <class T>
+__global__ void add_kernel(size_t n, const T* x, T* y) {
+  for (size_t i = blockIdx.x * static_cast<size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<size_t>(gridDim.x) * blockDim.x)
+    y[i] += x[i];
+}
+
+template <class T>
+__global__ void scale_columns_kernel(int rows, int cols, T* a, int lda, const double* f,
+                                     bool divide) {
+  ISOFAST_FOR_2D(rows, cols, i, j) {
+    const double fj = divide ? (f[j] > 0 ? 1.0 / f[j] : 0.0) : f[j];
+    T& x = a[i + static_cast<size_t>(j) * lda];
+    // Same rounding as the CPU backend: float32 multiplies by the float32 factor.
+    x = std::is_same<T, double>::value ? static_cast<T>(x * fj) : x * static_cast<T>(fj);
   }
 }
 
@@ -270,71 +181,6 @@ void write_merged(const T* m, double s, const void* base, DType base_dtype, void
 }
 
 template <class T>
-void scale(const T* src, T* dst, T s, size_t n, cudaStream_t stream) {
-  if (n == 0) return;
-  scale_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(src, dst, s, n);
-  ISOFAST_CUDA_CHECK_LAUNCH();
-}
-
-template <class T>
-void lincomb(T* out, T b, const T* g, T c, const T* g2, size_t n, cudaStream_t stream) {
-  if (n == 0) return;
-  lincomb_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(out, b, g, c, g2, n);
-  ISOFAST_CUDA_CHECK_LAUNCH();
-}
-
-template <class T>
-void poly_h(T* h, T a, T b, const T* g, T c, const T* g2, int n, cudaStream_t stream) {
-  if (n <= 0) return;
-  poly_h_kernel<T><<<grid_for(static_cast<size_t>(n) * n), kThreads, 0, stream>>>(h, a, b, g, c, g2, n);
-  ISOFAST_CUDA_CHECK_LAUNCH();
-}
-
-template <class T>
-void power_step(const T* w, T* v, int n, double* rq, cudaStream_t stream) {
-  if (n <= 0) return;
-  power_step_kernel<T><<<1, kThreads, 0, stream>>>(w, v, n, rq);
-  ISOFAST_CUDA_CHECK_LAUNCH();
-}
-
-template <class T>
-void upper_triangle(const T* a, int lda, int n, T* r, cudaStream_t stream) {
-  if (n <= 0) return;
-  upper_triangle_kernel<T><<<grid_for(static_cast<size_t>(n) * n), kThreads, 0, stream>>>(a, lda, n, r);
-  ISOFAST_CUDA_CHECK_LAUNCH();
-}
-
-template <class T>
-void symmetrize_lower(T* g, int n, cudaStream_t stream) {
-  if (n <= 1) return;
-  symmetrize_kernel<T><<<grid_for(static_cast<size_t>(n) * n), kThreads, 0, stream>>>(g, n);
-  ISOFAST_CUDA_CHECK_LAUNCH();
-}
-
-template <class From, class To>
-void convert(const From* src, To* dst, size_t n, cudaStream_t stream) {
-  if (n == 0) return;
-  convert_kernel<From, To><<<grid_for(n), kThreads, 0, stream>>>(src, dst, n);
-  ISOFAST_CUDA_CHECK_LAUNCH();
-}
-
-template <class T>
-void column_norms(const T* a, int rows, int cols, int lda, std::vector<double>& sumsq,
-                  std::vector<double>& sumabs, cudaStream_t stream) {
-  sumsq.assign(static_cast<size_t>(cols), 0.0);
-  sumabs.assign(static_cast<size_t>(cols), 0.0);
-  if (cols == 0) return;
-  DeviceBuffer<double> d(2 * static_cast<size_t>(cols), stream);
-  column_norms_kernel<T><<<cols, kThreads, 0, stream>>>(a, rows, lda, d.get(), d.get() + cols);
-  ISOFAST_CUDA_CHECK_LAUNCH();
-  ISOFAST_CUDA_CHECK(cudaMemcpyAsync(sumsq.data(), d.get(), sizeof(double) * cols,
-                                     cudaMemcpyDeviceToHost, stream));
-  ISOFAST_CUDA_CHECK(cudaMemcpyAsync(sumabs.data(), d.get() + cols, sizeof(double) * cols,
-                                     cudaMemcpyDeviceToHost, stream));
-  ISOFAST_CUDA_CHECK(cudaStreamSynchronize(stream));
-}
-
-template <class T>
 bool has_nonfinite(const T* a, int rows, int cols, int lda, cudaStream_t stream) {
   const size_t total = static_cast<size_t>(rows) * cols;
   if (total == 0) return false;
@@ -348,21 +194,6 @@ bool has_nonfinite(const T* a, int rows, int cols, int lda, cudaStream_t stream)
   return host != 0;
 }
 
-void certificate_sums(const double* c1, const double* c2, int n, double out[3],
-                      cudaStream_t stream) {
-  out[0] = out[1] = out[2] = 0;
-  if (n == 0) return;
-  DeviceBuffer<double> d(3 * static_cast<size_t>(n), stream);
-  certificate_kernel<<<n, kThreads, 0, stream>>>(c1, c2, n, d.get(), d.get() + n, d.get() + 2 * n);
-  ISOFAST_CUDA_CHECK_LAUNCH();
-  std::vector<double> host(3 * static_cast<size_t>(n));
-  ISOFAST_CUDA_CHECK(cudaMemcpyAsync(host.data(), d.get(), sizeof(double) * host.size(),
-                                     cudaMemcpyDeviceToHost, stream));
-  ISOFAST_CUDA_CHECK(cudaStreamSynchronize(stream));
-  for (int k = 0; k < 3; ++k)
-    for (int j = 0; j < n; ++j) out[k] += host[static_cast<size_t>(k) * n + j];
-}
-
 template <class T>
 void take_last_reversed(const T* src, int ld_src, int rows, int total, int count, T* dst,
                         int ld_dst, const T* w_src, T* w_dst, cudaStream_t stream) {
@@ -372,27 +203,56 @@ void take_last_reversed(const T* src, int ld_src, int rows, int total, int count
   ISOFAST_CUDA_CHECK_LAUNCH();
 }
 
+template <class From, class To>
+void convert_2d(int rows, int cols, const From* a, int lda, To* b, int ldb, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return;
+  convert_2d_kernel<From, To><<<grid_for(static_cast<size_t>(rows) * cols), kThreads, 0, stream>>>(
+      rows, cols, a, lda, b, ldb);
+  ISOFAST_CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
+void fill_2d(int rows, int cols, T value, T* a, int lda, cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return;
+  fill_2d_kernel<T><<<grid_for(static_cast<size_t>(rows) * cols), kThreads, 0, stream>>>(
+      rows, cols, value, a, lda);
+  ISOFAST_CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
+void add(size_t n, const T* x, T* y, cudaStream_t stream) {
+  if (n == 0) return;
+  add_kernel<T><<<grid_for(n), kThreads, 0, stream>>>(n, x, y);
+  ISOFAST_CUDA_CHECK_LAUNCH();
+}
+
+template <class T>
+void scale_columns(int rows, int cols, T* a, int lda, const double* f, bool divide,
+                   cudaStream_t stream) {
+  if (rows <= 0 || cols <= 0) return;
+  scale_columns_kernel<T><<<grid_for(static_cast<size_t>(rows) * cols), kThreads, 0, stream>>>(
+      rows, cols, a, lda, f, divide);
+  ISOFAST_CUDA_CHECK_LAUNCH();
+}
+
 #define ISOFAST_INSTANTIATE(T)                                                                  \
   template void accumulate_task<T>(const void*, DType, const void*, DType, T*, size_t, bool,    \
                                    int*, cudaStream_t);                                         \
   template void write_merged<T>(const T*, double, const void*, DType, void*, DType, size_t,     \
                                 cudaStream_t);                                                  \
-  template void scale<T>(const T*, T*, T, size_t, cudaStream_t);                                \
-  template void lincomb<T>(T*, T, const T*, T, const T*, size_t, cudaStream_t);                 \
-  template void symmetrize_lower<T>(T*, int, cudaStream_t);                                     \
-  template void poly_h<T>(T*, T, T, const T*, T, const T*, int, cudaStream_t);                  \
-  template void power_step<T>(const T*, T*, int, double*, cudaStream_t);                       \
-  template void upper_triangle<T>(const T*, int, int, T*, cudaStream_t);                        \
-  template void column_norms<T>(const T*, int, int, int, std::vector<double>&,                  \
-                                std::vector<double>&, cudaStream_t);                            \
   template bool has_nonfinite<T>(const T*, int, int, int, cudaStream_t);                        \
   template void take_last_reversed<T>(const T*, int, int, int, int, T*, int, const T*, T*,      \
-                                      cudaStream_t);
+                                      cudaStream_t);                                            \
+  template void fill_2d<T>(int, int, T, T*, int, cudaStream_t);                                 \
+  template void add<T>(size_t, const T*, T*, cudaStream_t);                                     \
+  template void scale_columns<T>(int, int, T*, int, const double*, bool, cudaStream_t);
 ISOFAST_INSTANTIATE(float)
 ISOFAST_INSTANTIATE(double)
 #undef ISOFAST_INSTANTIATE
-template void convert<float, double>(const float*, double*, size_t, cudaStream_t);
-template void convert<double, float>(const double*, float*, size_t, cudaStream_t);
+template void convert_2d<float, double>(int, int, const float*, int, double*, int, cudaStream_t);
+template void convert_2d<double, float>(int, int, const double*, int, float*, int, cudaStream_t);
+template void convert_2d<double, double>(int, int, const double*, int, double*, int,
+                                         cudaStream_t);
 
 }  // namespace cuda
 }  // namespace isofast

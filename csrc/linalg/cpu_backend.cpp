@@ -22,7 +22,7 @@ void require_finite(const char* routine, int m, int n, const T* a, int lda) {
     const T* c = a + static_cast<size_t>(j) * lda;
     T acc = 0;
     for (int i = 0; i < m; ++i) acc += c[i] - c[i];
-    if (!(acc == 0)) check_lapack_info(routine, -4, m, n);
+    if (!(acc == 0)) check_solver_info(routine, -4, m, n);
   }
 }
 
@@ -163,11 +163,11 @@ class CpuBackend final : public Backend<T> {
     std::vector<int> iwork(8 * static_cast<size_t>(r));
     T query = 0;
     int info = Lapack<T>::gesdd(m, n, a, lda, s, u, ldu, vt, ldvt, &query, -1, iwork.data());
-    check_lapack_info(Lapack<T>::gesdd_name, info, m, n);
+    check_solver_info(Lapack<T>::gesdd_name, info, m, n);
     std::vector<T> work(static_cast<size_t>(query) + 1);
     info = Lapack<T>::gesdd(m, n, a, lda, s, u, ldu, vt, ldvt, work.data(),
                             static_cast<int>(work.size()), iwork.data());
-    check_lapack_info(Lapack<T>::gesdd_name, info, m, n);
+    check_solver_info(Lapack<T>::gesdd_name, info, m, n);
   }
 
   void eigh_top(int n, T* a, int lda, int count, T* w, T* z, int ldz) override {
@@ -189,14 +189,14 @@ class CpuBackend final : public Backend<T> {
     int iquery = 0;
     int info = Lapack<T>::syevr(range, n, a, lda, il, iu, &found, wall.data(), zout, ldzout,
                                 isuppz.data(), &wquery, -1, &iquery, -1);
-    check_lapack_info(Lapack<T>::syevr_name, info, n, n);
+    check_solver_info(Lapack<T>::syevr_name, info, n, n);
     std::vector<T> work(static_cast<size_t>(wquery) + 1);
     std::vector<int> iwork(static_cast<size_t>(iquery) + 1);
     info = Lapack<T>::syevr(range, n, a, lda, il, iu, &found, wall.data(), zout, ldzout,
                             isuppz.data(), work.data(), static_cast<int>(work.size()),
                             iwork.data(), static_cast<int>(iwork.size()));
-    check_lapack_info(Lapack<T>::syevr_name, info, n, n);
-    if (found != cols) check_lapack_info(Lapack<T>::syevr_name, n + 1, n, n);
+    check_solver_info(Lapack<T>::syevr_name, info, n, n);
+    if (found != cols) check_solver_info(Lapack<T>::syevr_name, n + 1, n, n);
     // syevr returns ascending order; callers want the top `count`, descending.
     for (int j = 0; j < count; ++j) {
       const T* src = zout + static_cast<size_t>(cols - 1 - j) * ldzout;

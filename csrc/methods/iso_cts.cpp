@@ -27,14 +27,24 @@ std::pair<int, int> iso_cts_sizes(int r, int tasks, double fraction) {
 
 namespace {
 
+// Block sizes from the numerical rank q of the sum (docs/CONTRACT.md): for a full-rank sum
+// q = r = min(m, n) and these are the paper's sizes; for a rank-deficient one (a sum of LoRA
+// updates) the common fraction applies to the q directions the sum has.
 template <class T>
-void iso_cts_direct(Backend<T>& be, const MatrixProblem<T>& p, int k, int s, T cut_factor,
+std::pair<int, int> sizes_for(const std::vector<T>& sigma, T cut, int tasks, double fraction) {
+  const int q = count_above(sigma, static_cast<int>(sigma.size()), cut);
+  return iso_cts_sizes(q, tasks, fraction);
+}
+
+template <class T>
+void iso_cts_direct(Backend<T>& be, const MatrixProblem<T>& p, double fraction, T cut_factor,
                     T* out) {
   Matrix<T> sum = sum_of(be, p);
   ThinSvd<T> common = thin_svd(be, p.rows, p.cols, sum.ptr(), sum.ld());
   sum.release();
   const T smax = common.s.empty() ? T(0) : common.s[0];
   const T cut = smax * cut_factor;
+  const auto [k, s] = sizes_for(common.s, cut, static_cast<int>(p.deltas.size()), fraction);
   const int kk = count_above(common.s, k, cut);
   DirectionSet<T> dirs(p.rows, p.cols);
   dirs.add_svd(be, common, kk);
@@ -61,7 +71,7 @@ void iso_cts_direct(Backend<T>& be, const MatrixProblem<T>& p, int k, int s, T c
 }
 
 template <class T>
-void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, int k, int s, T cut_factor,
+void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, T cut_factor,
                   T* out) {
   Backend<double>& be64 = be.f64();
   const int n = p.rows, m = p.cols, r = std::min(m, n);
@@ -73,6 +83,7 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, int k, int s, T cut
   const std::vector<T> sigma_common = rounded<T>(common.sigma, common.count());
   const T smax = sigma_common.empty() ? T(0) : sigma_common[0];
   const T cut = smax * cut_factor;
+  const auto [k, s] = sizes_for(sigma_common, cut, static_cast<int>(p.deltas.size()), fraction);
   const int kk = count_above(sigma_common, k, cut);
   const std::vector<double> s64(common.sigma.begin(), common.sigma.begin() + kk);
   const Matrix<T> vectors = rounded(be, common.vectors);
@@ -177,16 +188,16 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, int k, int s, T cut
 
 template <class T>
 void iso_cts(Backend<T>& be, const MatrixProblem<T>& p, const MatrixOptions& opt, T* out) {
-  const int r = std::min(p.rows, p.cols);
-  const auto [k, s] =
-      iso_cts_sizes(r, static_cast<int>(p.deltas.size()), opt.common_space_fraction);
+  // Checked before any work (the sizes themselves come from the sum's spectrum).
+  iso_cts_sizes(std::min(p.rows, p.cols), static_cast<int>(p.deltas.size()),
+                opt.common_space_fraction);
   const T cut_factor = rank_cut_factor<T>(opt.rank_tol);
   if (gram_route<T>(opt.route)) {
     note_route("iso_cts: Gram route");
-    return iso_cts_gram(be, p, k, s, cut_factor, out);
+    return iso_cts_gram(be, p, opt.common_space_fraction, cut_factor, out);
   }
   note_route("iso_cts: SVD route");
-  iso_cts_direct(be, p, k, s, cut_factor, out);
+  iso_cts_direct(be, p, opt.common_space_fraction, cut_factor, out);
 }
 
 template void iso_cts<float>(Backend<float>&, const MatrixProblem<float>&, const MatrixOptions&,

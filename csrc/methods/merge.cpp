@@ -274,19 +274,6 @@ void merge_item_as(const MergeOptions& opt, const MergeItem& item) {
 
 }  // namespace
 
-const char* kernel_name(Kernel k) {
-  switch (k) {
-    case Kernel::Mean: return "mean";
-    case Kernel::Sum: return "sum";
-    case Kernel::Ties: return "ties";
-    case Kernel::Consensus: return "consensus";
-    case Kernel::TsvM: return "tsv_m";
-    case Kernel::IsoC: return "iso_c";
-    case Kernel::IsoCts: return "iso_cts";
-  }
-  return "?";
-}
-
 void validate_item(const MergeItem& item) {
   const std::string& name = item.name;
   ISOFAST_CHECK(!item.finetuned.empty(), "tensor '", name, "': no fine-tuned models (T = 0)");

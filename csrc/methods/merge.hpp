@@ -13,7 +13,18 @@ namespace isofast {
 // The merge kernels; the Python method registry maps every method onto one of them (checked
 // at import time).
 enum class Kernel { Mean, Sum, Ties, Consensus, TsvM, IsoC, IsoCts };
-const char* kernel_name(Kernel k);
+inline const char* kernel_name(Kernel k) {
+  switch (k) {
+    case Kernel::Mean: return "mean";
+    case Kernel::Sum: return "sum";
+    case Kernel::Ties: return "ties";
+    case Kernel::Consensus: return "consensus";
+    case Kernel::TsvM: return "tsv_m";
+    case Kernel::IsoC: return "iso_c";
+    case Kernel::IsoCts: return "iso_cts";
+  }
+  return "?";
+}
 inline bool is_matrix_kernel(Kernel k) {
   return k == Kernel::TsvM || k == Kernel::IsoC || k == Kernel::IsoCts;
 }
