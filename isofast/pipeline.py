@@ -26,7 +26,7 @@ from isofast import __version__, arrays
 from isofast._native import core
 from isofast.io import CheckpointWriter
 from isofast.io.dtypes import safetensors_name
-from isofast.kernels import kernel_of
+from isofast.kernels import configure_tensor, kernel_options
 from isofast.model_card import model_card
 from isofast.models import ModelSet
 from isofast.output_ring import OutputRing, RingToken
@@ -44,22 +44,10 @@ Progress = Callable[[str, int], None]  # (tensor name, bytes read for it)
 Outputs = tuple[list[Any], list[RingToken]]
 
 
-def kernel_options(plan: MergePlan) -> core.MergeOptions:
-    """The compiled kernel's typed options for this plan (no whole-model passes)."""
-    options = core.MergeOptions()
-    options.kernel = kernel_of(plan.spec.kernel)
-    options.alpha = plan.request.alpha
-    options.compute64 = plan.request.compute_dtype == "float64"
-    options.dare.seed = plan.request.seed
-    options.threads = plan.threads
-    plan.params.configure(options)
-    return options
-
-
 def core_options(plan: MergePlan, models: ModelSet) -> core.MergeOptions:
     """The kernel's options, completed by the whole-model passes a method needs (global TIES
     thresholds and majority sign, from one streamed pass over the inputs each)."""
-    options = kernel_options(plan)
+    options = kernel_options(plan.spec, plan.params, plan.request, plan.threads, plan.request.alpha)
     core.take_route_counts()  # start counting afresh for this merge
     # Pages of mapped inputs may be dropped once converted; never those of arrays that may live
     # in anonymous memory (torch pickles, in-memory tensors).
@@ -107,6 +95,10 @@ def merge_batch(
     ]
     batch_options = core.MergeOptions(options)
     batch_options.item_threads = batch.item_threads
+    # Per-tensor parameters (gradients, filters) belong to elementwise methods: one tensor
+    # per batch.
+    names = [t.name for t in plan.tensors]
+    configure_tensor(batch_options, plan.params, batch.tensors[0].name, names)
     with models.naming_files():
         core.merge_items(batch_options, items)
 

@@ -21,7 +21,7 @@ import numpy as np
 from isofast._native import core
 from isofast.adapters.adapter_set import Module
 from isofast.errors import LinAlgError, MergeInputError
-from isofast.kernels import kernel_of
+from isofast.kernels import kernel_options
 from isofast.methods import MethodSpec, Params
 from isofast.models import CoreItem
 from isofast.request import MergeRequest
@@ -30,18 +30,11 @@ from isofast.ties_global import global_ties_options
 _TASK = re.compile(r"fine-tuned model (\d+)")
 
 
-def kernel_options(spec: MethodSpec, params: Params, request: MergeRequest, threads: int) -> Any:
-    """The compiled kernel's options, set as the dense merge sets them (isofast.pipeline's
-    kernel_options), with alpha = 1: alpha is applied to the factors or the weights later."""
-    options = core.MergeOptions()
-    options.kernel = kernel_of(spec.kernel)
-    options.alpha = 1.0
-    options.compute64 = request.compute_dtype == "float64"
-    options.dare.seed = request.seed
-    options.threads = threads
-    params.configure(options)
+def dense_options(spec: MethodSpec, params: Params, request: MergeRequest, threads: int) -> Any:
+    """The compiled kernel's options as a dense merge sets them, with alpha = 1: alpha is
+    applied to the factors or the weights later."""
+    options = kernel_options(spec, params, request, threads, alpha=1.0)
     options.release_inputs = False  # the updates are arrays of ours, not mapped files
-    options.item_threads = 1
     return options
 
 
@@ -59,7 +52,7 @@ class DenseMerge:
     ) -> None:
         self.tasks = tasks
         self.dtype = np.float64 if request.compute_dtype == "float64" else np.float32
-        self.options = kernel_options(spec, params, request, threads)
+        self.options = dense_options(spec, params, request, threads)
         if spec.uses_global_ties(params):
             self.options = global_ties_options(
                 lambda: ([self._item(m, None)] for m in modules),
