@@ -7,11 +7,12 @@ machine is checked in test_device.py, which runs everywhere.
 
 What is asserted (T task matrices per key, fresh seeds; replay with ISOFAST_TEST_SEED):
 
-* reference: float32 compute on the designed spectra of test_cut_points.py (cut points at a
-  gap, in a Gaussian bulk, on a plateau; tall, wide, square; T = 3 and 8), on medium shapes
-  and on its ill-conditioned Iso-CTS concatenation: relative error of the update <= 1e-4 vs
-  tests/reference.py, widened only by the reference's own sensitivity to eps-sized input
-  perturbations (test_methods.check_against_reference, the CPU suite's rule);
+* reference: the designed spectra of test_cut_points.py (cut points at a gap, in a Gaussian
+  bulk, on a plateau; tall, wide, square; T = 3 and 8) in float32 and float64 compute, medium
+  shapes and its ill-conditioned Iso-CTS concatenation in float32: relative error of the
+  update <= 1e-4 (float32) / 1e-10 (float64) vs tests/reference.py, widened only by the
+  reference's own sensitivity to eps-sized input perturbations
+  (test_methods.check_against_reference, the CPU suite's rule);
 * CPU parity: the GPU result equals `isofast.merge` on the CPU (same method, same data) within
   1e-4 (float32 compute) / 1e-10 (float64 compute) on tall, wide, square, rank-deficient and
   ill-conditioned (cond 1e5) keys, with the same sensitivity rule;
@@ -59,7 +60,8 @@ from conftest import (
 )
 from test_methods import ALPHA, COND_FACTOR, check_against_reference, reference_merge
 
-pytestmark = pytest.mark.cuda
+# numpy's BLAS on one thread: the reference's many small SVDs (conftest.single_thread_blas).
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("single_thread_blas")]
 
 try:
     from isofast import _cuda
@@ -229,22 +231,29 @@ def test_release_and_reuse(fresh: Fresh) -> None:
 # ----------------------------------------------------------------------------- vs the reference
 
 
+@pytest.mark.parametrize("compute", ["float32", "float64"])
 @pytest.mark.parametrize("tasks", [3, 8])
 @pytest.mark.parametrize("shape", CUT_SHAPES, ids=str)
 @pytest.mark.parametrize("spectrum", sorted(SPECTRA))
 @pytest.mark.parametrize("method", METHODS)
 def test_cut_points_match_reference(
-    method: str, spectrum: str, shape: tuple[int, int], tasks: int, fresh: Fresh
+    method: str, spectrum: str, shape: tuple[int, int], tasks: int, compute: str, fresh: Fresh
 ) -> None:
-    """test_cut_points.py's cases, float32 compute on the GPU."""
+    """test_cut_points.py's cases on the GPU: float32 compute (Gram routes) and float64
+    compute (cuSOLVER SVD routes)."""
     rng = fresh.rng
     base64 = {NAME: base_values(rng, shape)}
     # On the 2**-20 grid, base + delta is exact in float32: both sides see the same values.
     deltas = [np.round(d / GRID) * GRID for d in SPECTRA[spectrum](rng, shape, tasks, method)]
     fts64 = [{NAME: base64[NAME] + d} for d in deltas]
-    got = gpu_merge(method, [cuda(f[NAME]) for f in fts64], cuda(base64[NAME]))
+    got = gpu_merge(
+        method,
+        [cuda(f[NAME], compute) for f in fts64],
+        cuda(base64[NAME], compute),
+        compute64=compute == "float64",
+    )
     check_against_reference(
-        {NAME: f64(got)}, base64, fts64, method, {}, seed=0, compute="float32", fresh=fresh
+        {NAME: f64(got)}, base64, fts64, method, {}, seed=0, compute=compute, fresh=fresh
     )
 
 
