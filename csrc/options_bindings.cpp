@@ -15,6 +15,7 @@ void register_options(py::module_& m) {
       .value("sum", Kernel::Sum)
       .value("ties", Kernel::Ties)
       .value("consensus", Kernel::Consensus)
+      .value("gta", Kernel::Gta)
       .value("tsv_m", Kernel::TsvM)
       .value("iso_c", Kernel::IsoC)
       .value("iso_cts", Kernel::IsoCts);
@@ -40,6 +41,25 @@ void register_options(py::module_& m) {
       .def_readwrite("lam", &ConsensusOptions::lam)
       .def_readwrite("min_agree", &ConsensusOptions::min_agree)
       .def_readwrite("on_ties", &ConsensusOptions::on_ties);
+  py::enum_<Sparsify>(m, "Sparsify", "mergekit's sparsification of each task vector.")
+      .value("none", Sparsify::None)
+      .value("magnitude", Sparsify::Magnitude)
+      .value("random", Sparsify::Random)
+      .value("magnitude_outliers", Sparsify::MagnitudeOutliers);
+  py::enum_<Elect>(m, "Elect", "Sign election: none, sign of the sum, or of the sum of signs.")
+      .value("none", Elect::None)
+      .value("sum", Elect::Sum)
+      .value("count", Elect::Count);
+  py::class_<GtaOptions>(m, "GtaOptions")
+      .def(py::init<>())
+      .def_readwrite("sparsify", &GtaOptions::sparsify)
+      .def_readwrite("elect", &GtaOptions::elect)
+      .def_readwrite("weights", &GtaOptions::weights)
+      .def_readwrite("densities", &GtaOptions::densities)
+      .def_readwrite("gammas", &GtaOptions::gammas)
+      .def_readwrite("rescale", &GtaOptions::rescale)
+      .def_readwrite("normalize", &GtaOptions::normalize)
+      .def_readwrite("lam", &GtaOptions::lambda);
   py::class_<MatrixOptions>(m, "MatrixOptions")
       .def(py::init<>())
       .def_readwrite("rank_tol", &MatrixOptions::rank_tol)
@@ -56,6 +76,7 @@ void register_options(py::module_& m) {
       .def_readwrite("dare", &MergeOptions::dare)
       .def_readwrite("ties", &MergeOptions::ties)
       .def_readwrite("consensus", &MergeOptions::consensus)
+      .def_readwrite("gta", &MergeOptions::gta)
       .def_readwrite("matrix", &MergeOptions::matrix)
       .def_readwrite("release_inputs", &MergeOptions::release_inputs);
 }

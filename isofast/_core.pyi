@@ -12,6 +12,7 @@ class Kernel:
     sum: Kernel
     ties: Kernel
     consensus: Kernel
+    gta: Kernel
     tsv_m: Kernel
     iso_c: Kernel
     iso_cts: Kernel
@@ -41,6 +42,31 @@ class ConsensusOptions:
     min_agree: int
     on_ties: bool
 
+class Sparsify:
+    none: Sparsify
+    magnitude: Sparsify
+    random: Sparsify
+    magnitude_outliers: Sparsify
+    __members__: dict[str, Sparsify]
+    name: str
+
+class Elect:
+    none: Elect
+    sum: Elect
+    count: Elect
+    __members__: dict[str, Elect]
+    name: str
+
+class GtaOptions:
+    sparsify: Sparsify
+    elect: Elect
+    weights: list[float]
+    densities: list[float]
+    gammas: list[float]
+    rescale: bool
+    normalize: bool
+    lam: float
+
 class MatrixOptions:
     rank_tol: float
     common_space_fraction: float
@@ -55,6 +81,7 @@ class MergeOptions:
     dare: DareOptions
     ties: TiesOptions
     consensus: ConsensusOptions
+    gta: GtaOptions
     matrix: MatrixOptions
     release_inputs: bool
     def __init__(self, other: MergeOptions | None = None) -> None: ...

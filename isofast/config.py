@@ -1,16 +1,20 @@
 """Merge configs: isofast's own YAML schema (the settings of `isofast.request`), and mergekit
-configs for the methods both share."""
+configs (docs/MERGEKIT.md): mergekit's methods and rules, per-model parameters, gradients and
+filters, onto isofast's `gta` method."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from isofast.errors import MergeInputError, short
+from isofast import param_schedule as sched
+from isofast.errors import MergeInputError, MergeWarning, short
 from isofast.io.dtypes import parse_float_dtype
+from isofast.methods import get_method
 from isofast.request import MergeRequest, model_path
 from isofast.request import config_fields as isofast_fields
 
@@ -57,24 +61,27 @@ def config_fields(path: str | Path) -> dict[str, Any]:
     return isofast_fields(data, str(path), root)
 
 
-# mergekit method -> isofast method. Differences in semantics are listed in docs/MERGEKIT.md.
-_MERGEKIT_METHODS = {
-    "linear": "weight_average",
-    "task_arithmetic": "task_arithmetic",
-    "ties": "ties",
-    "dare_ties": "dare_ties",
-    "dare_linear": "dare_linear",
+# mergekit's generalized task arithmetic methods -> (sparsify, elect, default normalize,
+# default rescale) of isofast's `gta` method, which follows mergekit's rules (docs/MERGEKIT.md).
+_GTA = {
+    "task_arithmetic": ("none", "none", False, False),
+    "ties": ("magnitude", "sum", True, False),
+    "dare_ties": ("random", "sum", False, True),
+    "dare_linear": ("random", "none", False, True),
+    "breadcrumbs": ("magnitude_outliers", "none", False, False),
+    "breadcrumbs_ties": ("magnitude_outliers", "sum", False, False),
 }
-
-
-def _same(values: list[Any], what: str, path: Path) -> Any:
-    distinct = {short(v) for v in values}
-    if len(distinct) > 1:
-        raise MergeInputError(
-            f"{path}: per-model '{what}' values differ ({sorted(distinct)}); isofast applies one "
-            f"value to every model"
-        )
-    return values[0]
+_MERGEKIT_METHODS = ("linear", *_GTA)
+# Parameters per method family: per model, and shared (one value, maybe scheduled).
+_PER_MODEL = ("weight", "density", "gamma")
+_SHARED = ("normalize", "rescale", "lambda")
+_IGNORED = ("int8_mask",)  # changes only the dtype of a mask, never the result
+# Top-level keys that change nothing isofast writes, or that it refuses (with why).
+_REFUSED_KEYS = {
+    "slices": "slices (layer ranges, passthrough) are not supported yet",
+    "modules": "modules are not supported yet",
+    "tokenizer": "tokenizer settings are not supported (the base model's tokenizer is copied)",
+}
 
 
 def from_mergekit(data: Mapping[str, Any], path: Path, root: Path) -> dict[str, Any]:
@@ -86,89 +93,135 @@ def from_mergekit(data: Mapping[str, Any], path: Path, root: Path) -> dict[str, 
             f"{path}: mergekit method {method!r} is not supported; supported: "
             f"{sorted(_MERGEKIT_METHODS)} (or use isofast's own schema for iso_c, iso_cts, ...)"
         )
+    for key, why in _REFUSED_KEYS.items():
+        if data.get(key):
+            raise MergeInputError(f"{path}: {why}")
+    if data.get("tokenizer_source") not in (None, "base"):
+        raise MergeInputError(
+            f"{path}: tokenizer_source {short(data['tokenizer_source'])} is not supported; "
+            f"isofast copies the base model's tokenizer (tokenizer_source: base)"
+        )
     entries = data.get("models") or []
     if not isinstance(entries, list):
         raise MergeInputError(f"{path}: 'models' must be a list, got {short(entries)}")
-    if "base_model" in data:
-        base = model_path(data["base_model"], f"{path}: base_model", root)
-    elif method == "linear" and entries:
-        # The mean of the models does not depend on the base: the first model serves as theta0
-        # and stays among the averaged ones.
-        base = model_path(entries[0], f"{path}: models", root)
-    else:
-        raise MergeInputError(
-            f"{path}: isofast needs 'base_model' (task vectors are taken from it)"
-        )
-    if "base_model" in data:  # a base listed among the models adds nothing to average over
-        entries = [e for e in entries if model_path(e, f"{path}: models", root) != base]
-    if not entries:
-        raise MergeInputError(f"{path}: no fine-tuned models besides the base model")
     globals_ = data.get("parameters") or {}
     if not isinstance(globals_, Mapping):
         raise MergeInputError(f"{path}: 'parameters' must be a mapping, got {short(globals_)}")
-
-    def param(entry: Any, name: str, default: Any) -> Any:
-        own = entry.get("parameters", {}) if isinstance(entry, Mapping) else {}
-        if not isinstance(own, Mapping):
-            raise MergeInputError(f"{path}: a model's 'parameters' must be a mapping")
-        value = own.get(name, globals_.get(name, default))
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise MergeInputError(
-                f"{path}: parameter '{name}' = {short(value)}: isofast takes one number per "
-                f"model (gradients and filtered values are not supported)"
-            )
-        try:
-            return float(value)
-        except OverflowError:
-            raise MergeInputError(
-                f"{path}: parameter '{name}' = {short(value)} is too large"
-            ) from None
-
-    weight = float(_same([param(e, "weight", 1.0) for e in entries], "weight", path))
-    density = float(_same([param(e, "density", 1.0) for e in entries], "density", path))
-    # mergekit's defaults: normalize is on for ties and linear only.
-    normalize = bool(globals_.get("normalize", method in ("ties", "linear")))
-    params: dict[str, Any] = {}
-    alpha = weight
+    where = f"{path}: models"
+    own = [_own_parameters(e, path) for e in entries]
     if method == "linear":
-        if not normalize:
+        fields = _linear(data, entries, own, globals_, path, root)
+    else:
+        if "base_model" not in data:
             raise MergeInputError(
-                f"{path}: linear with normalize: false (sum of weighted models, no base) is "
-                f"not supported; use normalize: true or task_arithmetic"
+                f"{path}: isofast needs 'base_model' (task vectors are taken from it)"
             )
-        # Without base_model the first model is theta0 and stays among the averaged ones.
-        alpha = 1.0
-    elif method == "ties":
-        params = {"density": density, "trim": "tensor", "merge": "mean" if normalize else "sum"}
-        alpha = 1.0 if normalize else weight
-    elif method == "dare_ties":
-        params = {
-            "drop_rate": 1.0 - density,
-            "density": 1.0,
-            "trim": "tensor",
-            "merge": "mean" if normalize else "sum",
+        base = model_path(data["base_model"], f"{path}: base_model", root)
+        # A base listed among the models adds nothing (mergekit merges the others).
+        kept = [i for i, e in enumerate(entries) if model_path(e, where, root) != base]
+        sparsify, elect, normalize, rescale = _GTA[method]
+        # density is taken (and unused) without sparsification, gamma by breadcrumbs only.
+        per_model = _PER_MODEL if sparsify == "magnitude_outliers" else _PER_MODEL[:2]
+        used = per_model if sparsify != "none" else ("weight",)
+        params: dict[str, Any] = {"sparsify": sparsify, "elect": elect}
+        for name in used:
+            params[name] = sched.per_model(
+                sched.with_fallback(own[i].get(name), globals_.get(name)) for i in kept
+            )
+        params["normalize"] = globals_.get("normalize", normalize)
+        params["rescale"] = globals_.get("rescale", rescale)
+        params["lam"] = globals_.get("lambda", 1.0)
+        fields = {
+            "base": base,
+            "models": tuple(model_path(entries[i], where, root) for i in kept),
+            "params": _drop_defaults(params),
         }
-        alpha = 1.0 if normalize else weight
-    elif method == "dare_linear":
-        params = {"drop_rate": 1.0 - density}
-        # normalize divides by the sum of the (equal) weights: the mean of the task vectors.
-        alpha = 1.0 / len(entries) if normalize else weight
-    elif method == "task_arithmetic" and normalize:
-        alpha = 1.0 / len(entries)
+        known = (*per_model, *_SHARED, *_IGNORED)
+        _warn_unknown(globals_, [own[i] for i in kept], known, method, path)
+    if not fields["models"]:
+        raise MergeInputError(f"{path}: no fine-tuned models besides the base model")
     # mergekit: `dtype` is the compute dtype and `out_dtype` the one written (default: dtype).
     # isofast computes in float32 (float64 when asked), never in 16-bit.
     dtype = data.get("out_dtype") or data.get("dtype")
     compute = "float64" if data.get("dtype") in ("float64", "fp64") else "float32"
     return dict(
-        base=base,
-        models=tuple(model_path(e, f"{path}: models", root) for e in entries),
-        method=_MERGEKIT_METHODS[method],
-        alpha=alpha,
-        params=params,
+        fields,
+        method="gta",
+        alpha=1.0,
         out_dtype=_float_dtype(dtype, path) if dtype else None,
         compute_dtype=compute,
         seed=data.get("seed", 0),
     )
+
+
+def _linear(
+    data: Mapping[str, Any],
+    entries: list[Any],
+    own: list[Mapping[str, Any]],
+    globals_: Mapping[str, Any],
+    path: Path,
+    root: Path,
+) -> dict[str, Any]:
+    """mergekit's linear: sum_i w_i theta_i / sum_i w_i over the models and, when given and
+    not listed, the base model (with the global weight). As base + sum_i w_i (theta_i -
+    theta0) / sum_i w_i with theta0 the base, or the first model: the same result."""
+    where = f"{path}: models"
+    paths = [model_path(e, where, root) for e in entries]
+    weights = [sched.with_fallback(o.get("weight"), globals_.get("weight")) for o in own]
+    if "base_model" in data:
+        base = model_path(data["base_model"], f"{path}: base_model", root)
+        if base not in paths:  # mergekit adds it to the inputs
+            paths.append(base)
+            weights.append(globals_.get("weight"))
+    elif paths:
+        base = paths[0]
+    else:
+        raise MergeInputError(f"{path}: no models to merge")
+    if any(w is None for w in weights):
+        raise MergeInputError(
+            f"{path}: linear needs a weight for every input (the base model included: "
+            f"give 'weight' under the top-level parameters)"
+        )
+    normalize = globals_.get("normalize", True)
+    if normalize is not True:
+        raise MergeInputError(
+            f"{path}: linear with normalize: {short(normalize)} (a weighted sum of models, no "
+            f"base) is not supported; use normalize: true or task_arithmetic"
+        )
+    _warn_unknown(globals_, own, ("weight", "normalize", *_IGNORED), "linear", path)
+    params = {"weight": sched.per_model(weights), "normalize": True}
+    return {"base": base, "models": tuple(paths), "params": _drop_defaults(params)}
+
+
+def _own_parameters(entry: Any, path: Path) -> Mapping[str, Any]:
+    own = entry.get("parameters") if isinstance(entry, Mapping) else None
+    if own is None:
+        return {}
+    if not isinstance(own, Mapping):
+        raise MergeInputError(f"{path}: a model's 'parameters' must be a mapping")
+    return own
+
+
+def _drop_defaults(params: dict[str, Any]) -> dict[str, Any]:
+    defaults = get_method("gta").parameters()
+    return {k: v for k, v in params.items() if v is not None and v != defaults.get(k, object())}
+
+
+def _warn_unknown(
+    globals_: Mapping[str, Any],
+    own: list[Mapping[str, Any]],
+    known: tuple[str, ...],
+    method: str,
+    path: Path,
+) -> None:
+    """mergekit ignores parameters its method does not take: so does isofast, saying so."""
+    unknown = sorted({str(k) for m in (globals_, *own) for k in m} - set(known))
+    if unknown:
+        warnings.warn(
+            f"{path}: mergekit's {method} takes no parameter(s) {unknown}: ignored",
+            MergeWarning,
+            stacklevel=4,
+        )
 
 
 def _float_dtype(value: Any, path: Path) -> str:

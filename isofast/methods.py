@@ -6,8 +6,9 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+from isofast import param_schedule as sched
 from isofast.errors import MergeInputError, short
 
 if TYPE_CHECKING:  # the registry never loads the compiled core (config.py imports it)
@@ -25,8 +26,44 @@ def _check(cond: bool, message: str) -> None:
 class Params:
     """Base of every method's parameters."""
 
+    # Fields that take settings of isofast.param_schedule (gradients, filters), and of those
+    # the ones that may differ per model.
+    SCHEDULED: ClassVar[tuple[str, ...]] = ()
+    PER_MODEL: ClassVar[tuple[str, ...]] = ()
+
     def configure(self, options: MergeOptions) -> None:
         """Set this method's fields of the compiled kernel's typed options."""
+
+    @property
+    def per_tensor(self) -> bool:
+        """Whether some value depends on the tensor (a gradient or a filter)."""
+        return any(sched.varies_per_tensor(getattr(self, f)) for f in self.SCHEDULED)
+
+    def resolve(self, name: str, t: float) -> Params:
+        """These parameters for tensor `name` at layer position `t`: every scheduled value a
+        scalar (a tuple per model), the default where nothing matched."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for f in self.SCHEDULED:
+            value = sched.resolve(getattr(self, f), name, t)
+            if isinstance(value, tuple):
+                value = tuple(defaults[f] if v is None else v for v in value)
+            changes[f] = defaults[f] if value is None else value
+        return dataclasses.replace(self, **changes)
+
+    def check_tasks(self, tasks: int) -> None:
+        """Raise unless every per-model list has one value per model."""
+        for f in self.PER_MODEL:
+            value = getattr(self, f)
+            if sched.is_per_model(value) and len(value[sched.PER_MODEL]) != tasks:
+                raise MergeInputError(
+                    f"parameter '{f}' has {len(value[sched.PER_MODEL])} per-model values "
+                    f"for {tasks} models"
+                )
+
+    def _check_settings(self, checks: Mapping[str, Any]) -> None:
+        for f, leaf in checks.items():
+            sched.check(getattr(self, f), f, leaf, per_model=f in self.PER_MODEL)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,6 +144,95 @@ class ConsensusParams(TiesParams):
         options.consensus.lam = self.lam
         options.consensus.min_agree = self.min_agree
         options.consensus.on_ties = self.apply_to == "ties"
+
+
+def _number(name: str, low: float = -math.inf, high: float = math.inf) -> Any:
+    def leaf(v: Any) -> None:
+        number = isinstance(v, (int, float)) and not isinstance(v, bool)
+        _check(
+            number and abs(v) <= 1e300 and math.isfinite(v),
+            f"{name} must be a finite number, got {short(v)}",
+        )
+        _check(low <= v <= high, f"{name} must be in [{low:g}, {high:g}], got {short(v)}")
+
+    return leaf
+
+
+def _flag(name: str) -> Any:
+    def leaf(v: Any) -> None:
+        _check(isinstance(v, bool), f"{name} must be true or false, got {short(v)}")
+
+    return leaf
+
+
+def _per_task(value: Any) -> list[float]:
+    """A resolved value as the core's per-task list (one entry: the same for every task)."""
+    return [float(v) for v in value] if isinstance(value, tuple) else [float(value)]
+
+
+@dataclass(frozen=True, kw_only=True)
+class GtaParams(Params):
+    """mergekit's generalized task arithmetic (docs/MERGEKIT.md): per model, sparsify the
+    task vector (magnitude: exact top-k; random: the contract's DARE draw; magnitude_outliers:
+    breadcrumbs), rescale it to its L1 norm (rescale) and weight it; then sum, over the entries
+    whose sign is the elected one (elect), divided by the sum of their weights (normalize),
+    times lam. weight, density and gamma may differ per model; every value may be a gradient
+    or filtered (isofast.param_schedule)."""
+
+    SCHEDULED: ClassVar[tuple[str, ...]] = (
+        "weight",
+        "density",
+        "gamma",
+        "rescale",
+        "normalize",
+        "lam",
+    )
+    PER_MODEL: ClassVar[tuple[str, ...]] = ("weight", "density", "gamma")
+
+    sparsify: Literal["none", "magnitude", "random", "magnitude_outliers"] = "none"
+    elect: Literal["none", "sum", "count"] = "none"
+    weight: Any = 1.0
+    density: Any = 1.0
+    gamma: Any = 0.01
+    rescale: Any = False
+    normalize: Any = False
+    lam: Any = 1.0
+
+    def __post_init__(self) -> None:
+        kinds = ("none", "magnitude", "random", "magnitude_outliers")
+        _check(
+            self.sparsify in kinds, f"sparsify must be one of {kinds}, got {short(self.sparsify)}"
+        )
+        _check(
+            self.elect in ("none", "sum", "count"),
+            f"elect must be 'none', 'sum' or 'count', got {short(self.elect)}",
+        )
+        self._check_settings(
+            {
+                "weight": _number("weight"),
+                "density": _number("density", 0.0, 1.0),
+                "gamma": _number("gamma", 0.0, 1.0),
+                "rescale": _flag("rescale"),
+                "normalize": _flag("normalize"),
+                "lam": _number("lam"),
+            }
+        )
+
+    def configure(self, options: MergeOptions) -> None:
+        # Per-tensor values: the pipeline configures each tensor from resolve(); this is the
+        # value of a tensor outside the layers that no filter names.
+        p = self.resolve("", 0.0)
+        assert isinstance(p, GtaParams)
+        g = options.gta
+        g.sparsify = type(g.sparsify).__members__[p.sparsify]
+        g.elect = type(g.elect).__members__[p.elect]
+        g.weights = _per_task(p.weight)
+        g.densities = _per_task(p.density)
+        g.gammas = _per_task(p.gamma)
+        g.rescale = bool(p.rescale)
+        g.normalize = bool(p.normalize)
+        g.lam = float(p.lam)
+        options.dare.drop_rate = 0.0  # the random sparsification replaces DARE's drop
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -226,6 +352,15 @@ _METHODS: tuple[MethodSpec, ...] = (
         ConsensusParams,
         "https://arxiv.org/abs/2405.07813",
         "keep entries that at least min_agree task masks select",
+    ),
+    MethodSpec(
+        "gta",
+        "Generalized task arithmetic (mergekit's rules)",
+        "gta",
+        "elementwise",
+        GtaParams,
+        "https://github.com/arcee-ai/mergekit",
+        "per model: sparsify, rescale, weight; elect a sign; weighted mean or sum",
     ),
     MethodSpec(
         "tsv_m",

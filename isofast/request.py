@@ -20,6 +20,7 @@ from typing import Any
 from isofast.errors import MergeInputError, short
 from isofast.io.dtypes import COMPUTE_DTYPES, parse_float_dtype
 from isofast.methods import Params, get_method
+from isofast.param_schedule import with_model_parameters
 
 # A model is a checkpoint path (folder or file) or, in memory, a mapping of names to tensors.
 ModelSource = str | Mapping[str, Any]
@@ -140,7 +141,10 @@ class MergeRequest:
                 f"parameters must be a mapping of names to values, got {short(self.params)}"
             )
         put("params", dict(self.params or {}))
-        spec.make_params(self.params)  # raises on an unknown name or a bad value
+        params = spec.make_params(self.params)  # raises on an unknown name or a bad value
+        params.check_tasks(len(self.models or self.adapters))
+        if self.adapters and params.per_tensor:
+            raise MergeInputError("adapter merges take one value per parameter (no gradients)")
         if str(self.compute_dtype) not in COMPUTE_DTYPES:
             raise MergeInputError(
                 f"compute_dtype must be one of {', '.join(COMPUTE_DTYPES)}, "
@@ -238,6 +242,14 @@ def config_fields(data: Mapping[str, Any], where: str, root: Path) -> dict[str, 
     no_base = adapters and base is None
     fields["base"] = {} if no_base else model_path(base, f"{where}: base_model", root)
     fields["models"] = tuple(model_path(m, f"{where}: models", root) for m in models)
+    own = [m.get("parameters") or {} if isinstance(m, Mapping) else {} for m in models]
+    if any(own):  # per-model parameters: {model: path, parameters: {weight: 0.5}}
+        if not all(isinstance(o, Mapping) for o in own):
+            raise MergeInputError(f"{where}: a model's 'parameters' must be a mapping")
+        shared = fields.get("params") or {}
+        if not isinstance(shared, Mapping):
+            raise MergeInputError(f"{where}: 'parameters' must be a mapping")
+        fields["params"] = with_model_parameters(shared, own)
     fields["adapters"] = tuple(model_path(a, f"{where}: adapters", root) for a in adapters)
     return fields
 

@@ -328,6 +328,126 @@ def consensus_model(
     return out
 
 
+# ----------------------------------------------------------------------------- mergekit (gta)
+
+
+def _keep_ranks(x: Array, lo: int, hi: int, index_ascending: bool) -> Array:
+    """Keep the entries ranked [lo, hi) by ascending |x|, ties by index (ascending or not)."""
+    idx = np.arange(x.size)
+    order = np.lexsort((idx if index_ascending else -idx, np.abs(x)))
+    keep = np.zeros(x.size, dtype=bool)
+    keep[order[max(lo, 0) : max(hi, 0)]] = True
+    return np.where(keep, x, 0.0)
+
+
+def gta_sparsify(
+    x: Array,
+    method: str,
+    density: float,
+    gamma: float = 0.0,
+    rescale: bool = False,
+    keep_draw: NDArray[np.bool_] | None = None,
+) -> Array:
+    """mergekit's sparsifications of one flat task vector, with its L1 rescale. magnitude:
+    the top max(1, int(density n)) |x|, ties at the threshold to the lowest index (exactly k
+    kept); random: entries whose DARE draw keeps them (`keep_draw`); magnitude_outliers: drop
+    the int(gamma n) largest, keep the next int(density n) (ties: lower index ranks lower)."""
+    n = x.size
+    if method == "none" or density >= 1 or n == 0:
+        return x.copy()
+    if method == "magnitude":
+        if density <= 0:
+            out = np.zeros_like(x)
+        else:
+            k = max(1, int(density * n))
+            out = _keep_ranks(x, n - k, n, index_ascending=False)
+    elif method == "random":
+        assert keep_draw is not None
+        out = np.where(keep_draw.ravel(), x, 0.0)
+    elif method == "magnitude_outliers":
+        target, top = int(density * n), int(gamma * n)
+        bottom = max(0, n - target - top)
+        out = _keep_ranks(x, bottom, bottom + target, index_ascending=True)
+    else:
+        raise ValueError(f"unknown sparsification {method!r}")
+    if rescale:
+        before, after = np.abs(x).sum(), np.abs(out).sum()
+        if before >= 1e-7 and after >= 1e-7:
+            out = out * (before / after)
+    return out
+
+
+def gta_vectors(
+    deltas: Sequence[Array],
+    weights: Sequence[float],
+    elect: str = "none",
+    normalize: bool = False,
+    lam: float = 1.0,
+) -> Array:
+    """mergekit's merge of sparsified task vectors (a (T, n) stack) with per-task weights."""
+    w = np.asarray(weights, dtype=np.float64)[:, None]
+    d = np.stack(deltas) * w
+    if elect == "none":
+        mixed = d.sum(axis=0)
+        div = np.full(mixed.shape, w.sum())
+        div[np.abs(div) < 1e-8] = 1.0
+    else:
+        vote = d.sum(axis=0) if elect == "sum" else np.sign(d).sum(axis=0)
+        s = np.where(vote >= 0, 1.0, -1.0)
+        mask = np.sign(d) == s
+        mixed = np.where(mask, d, 0.0).sum(axis=0)
+        div = np.where(mask, w, 0.0).sum(axis=0)
+        div[div == 0] = 1.0
+    if normalize:
+        mixed = mixed / div
+    return mixed * lam
+
+
+def _for_task(value: Any, t: int) -> float:
+    return float(value[t]) if isinstance(value, (list, tuple)) else float(value)
+
+
+def gta_model(
+    deltas_by_task: Sequence[Model],
+    seed: int = 0,
+    per_tensor: Callable[[str], dict[str, Any]] | None = None,
+    **params: Any,
+) -> dict[str, Array]:
+    """mergekit's generalized task arithmetic, per tensor. `params` (GtaParams' names, plain
+    values or per-model lists) hold for every tensor; `per_tensor(name)` overrides them."""
+    out = {}
+    for n in _names(deltas_by_task):
+        p = {
+            "sparsify": "none",
+            "elect": "none",
+            "weight": 1.0,
+            "density": 1.0,
+            "gamma": 0.01,
+            "rescale": False,
+            "normalize": False,
+            "lam": 1.0,
+            **params,
+            **(per_tensor(n) if per_tensor else {}),
+        }
+        shape = np.shape(deltas_by_task[0][n])
+        vectors = []
+        for t, task in enumerate(deltas_by_task):
+            x = np.asarray(task[n], np.float64).ravel()
+            density = _for_task(p["density"], t)
+            draw = (
+                dare_mask(seed, n, t, x.size, 1.0 - density) if p["sparsify"] == "random" else None
+            )
+            vectors.append(
+                gta_sparsify(
+                    x, p["sparsify"], density, _for_task(p["gamma"], t), bool(p["rescale"]), draw
+                )
+            )
+        weights = [_for_task(p["weight"], t) for t in range(len(deltas_by_task))]
+        merged = gta_vectors(vectors, weights, p["elect"], bool(p["normalize"]), float(p["lam"]))
+        out[n] = merged.reshape(shape)
+    return out
+
+
 # ----------------------------------------------------------------------------- whole-model merge
 
 
@@ -389,6 +509,8 @@ def merge_model(
         m = dare_ties_model(deltas, seed=seed, **params)
     elif method == "consensus":
         m = consensus_model(deltas, **params)
+    elif method == "gta":
+        m = gta_model(deltas, seed=seed, **params)
     else:
         known = ", ".join(ELEMENTWISE_METHODS + tuple(_MATRIX_FNS))
         raise ValueError(f"unknown method {method!r}; known: {known}")

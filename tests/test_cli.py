@@ -578,7 +578,10 @@ def _mergekit_config(method: str) -> str:
         "models": fts if method == "linear" else [{"model": "./base"}, *fts],
         "merge_method": method,
         "base_model": "./base",
-        "parameters": {"int8_mask": True} if method != "linear" else {"normalize": True},
+        # mergekit's linear adds the base model to the inputs: it needs a weight too.
+        "parameters": {"int8_mask": True}
+        if method != "linear"
+        else {"normalize": True, "weight": 0.5},
         "dtype": "bfloat16",
     }
     return yaml.safe_dump(doc, sort_keys=False)
@@ -605,9 +608,9 @@ def _mergekit_reference(method: str, base: StateDict, fts: list[StateDict]) -> S
     for name, b in base.items():
         if not b.is_floating_point():
             out[name] = b
-        elif method == "linear":  # sum_t w x_t / sum_t w (normalize: true)
-            weighted = torch.stack([0.5 * ft[name].float() for ft in fts]).sum(0)
-            out[name] = (weighted / (0.5 * len(fts))).to(b.dtype)
+        elif method == "linear":  # sum_t w x_t / sum_t w over the models and the base
+            weighted = torch.stack([0.5 * x[name].float() for x in (*fts, base)]).sum(0)
+            out[name] = (weighted / (0.5 * (len(fts) + 1))).to(b.dtype)
         else:  # base + sum_t w delta_t (normalize defaults to false)
             deltas = torch.stack([ft[name].float() - b.float() for ft in fts])
             out[name] = (b.float() + 0.5 * deltas.sum(0)).to(b.dtype)
@@ -623,7 +626,10 @@ def test_mergekit_configs_load_and_merge(
     cfg.write_text(_mergekit_config(method))
     request = load_config(cfg)
     assert request.base == str((root / "base").resolve())
-    assert request.models == tuple(str((root / f"ft{i}").resolve()) for i in range(TASKS))
+    models = [str((root / f"ft{i}").resolve()) for i in range(TASKS)]
+    if method == "linear":  # the base is among the averaged inputs
+        models.append(request.base)
+    assert request.models == tuple(models)
     assert request.out_dtype == "bfloat16"
     out = tmp_path / "out"
     assert cli.main(["merge", str(cfg), str(out), "--threads", str(THREADS), "-q"]) == 0
@@ -631,7 +637,7 @@ def test_mergekit_configs_load_and_merge(
     # bit for bit the in-memory merge of the request isofast derived from the config
     want = isofast.merge(
         base,
-        fts,
+        [*fts, base] if method == "linear" else fts,
         request.method,
         request.alpha,
         out_dtype=request.out_dtype,
@@ -656,7 +662,8 @@ def _load_mergekit(tmp_path: Path, doc: dict[str, Any]) -> Any:
 
 
 def test_mergekit_mapping_of_weights_and_normalize(tmp_path: Path) -> None:
-    """The mapping of mergekit parameters to isofast ones that docs/MERGEKIT.md documents."""
+    """mergekit's methods map onto isofast's `gta` with mergekit's rules and defaults
+    (docs/MERGEKIT.md); per-model values stay per model."""
     own = {"weight": 0.5, "density": 0.3}
     models = [{"model": "a", "parameters": own}, {"model": "c", "parameters": own}]
 
@@ -664,46 +671,57 @@ def test_mergekit_mapping_of_weights_and_normalize(tmp_path: Path) -> None:
         r = _load_mergekit(tmp_path, doc)
         return r.method, r.alpha, dict(r.params or {})
 
-    ties = {"density": 0.3, "trim": "tensor", "merge": "mean"}
-    assert params({"merge_method": "ties", "models": models}) == ("ties", 1.0, ties)
+    ties = {"sparsify": "magnitude", "elect": "sum", "weight": 0.5, "density": 0.3}
+    assert params({"merge_method": "ties", "models": models}) == (
+        "gta",
+        1.0,
+        {**ties, "normalize": True},
+    )
     assert params(
         {"merge_method": "ties", "models": models, "parameters": {"normalize": False}}
-    ) == ("ties", 0.5, {**ties, "merge": "sum"})
-    assert params({"merge_method": "dare_linear", "models": models}) == (
-        "dare_linear",
-        0.5,
-        {"drop_rate": 0.7},
-    )
+    ) == ("gta", 1.0, ties)
+    dare = {"sparsify": "random", "weight": 0.5, "density": 0.3, "rescale": True}
+    assert params({"merge_method": "dare_linear", "models": models}) == ("gta", 1.0, dare)
     assert params({"merge_method": "task_arithmetic", "models": models}) == (
-        "task_arithmetic",
-        0.5,
-        {},
+        "gta",
+        1.0,
+        {"weight": 0.5},
     )
-    assert params({"merge_method": "linear", "models": models}) == ("weight_average", 1.0, {})
-    # parameters given once at the top level apply to every model
-    top = {"merge_method": "task_arithmetic", "models": ["a", "c"], "parameters": {"weight": 0.25}}
-    assert params(top)[1] == 0.25
+    # parameters given once at the top level apply to every model; lambda scales
+    top = {
+        "merge_method": "task_arithmetic",
+        "models": ["a", "c"],
+        "parameters": {"weight": 0.25, "lambda": 2.0},
+    }
+    assert params(top)[2] == {"weight": 0.25, "lam": 2.0}
+    differ = [
+        {"model": "a", "parameters": {"weight": 0.5}},
+        {"model": "c", "parameters": {"weight": [0.1, 0.7]}},
+    ]
+    assert params({"merge_method": "ties", "models": differ})[2]["weight"] == {
+        "models": [0.5, [0.1, 0.7]]
+    }
     # seed and dtype
     r = _load_mergekit(tmp_path, {"merge_method": "dare_linear", "models": ["a"], "seed": 9})
     assert (r.seed, r.out_dtype) == (9, None)
 
 
 def test_mergekit_dare_ties_default_is_not_normalized(tmp_path: Path) -> None:
-    """mergekit's registry: dare_ties has default_normalize=False, i.e.
-    base + sum over agreeing t of w * DARE(delta_t)."""
+    """mergekit's registry: dare_ties has default_normalize=False and default_rescale=True."""
     own = {"weight": 0.5, "density": 0.6}
     r = _load_mergekit(
         tmp_path,
         {"merge_method": "dare_ties", "models": [{"model": m, "parameters": own} for m in "ac"]},
     )
-    assert (r.alpha, dict(r.params or {})["merge"]) == (0.5, "sum")
-    assert dict(r.params or {})["drop_rate"] == pytest.approx(0.4)
+    p = r.method_params
+    assert (p.sparsify, p.elect, p.normalize, p.rescale) == ("random", "sum", False, True)
+    assert (r.alpha, p.weight, p.density) == (1.0, 0.5, 0.6)
 
 
 @pytest.mark.parametrize("method", ["task_arithmetic", "dare_linear"])
 def test_mergekit_normalize_divides_by_the_sum_of_weights(tmp_path: Path, method: str) -> None:
-    """normalize: true divides by the sum of the (equal) weights: the mean of the task
-    vectors, whatever the weight is."""
+    """normalize: true divides by the sum of the weights (tests/test_mergekit.py checks the
+    result)."""
     own = {"weight": 0.5, "density": 1.0}
     r = _load_mergekit(
         tmp_path,
@@ -713,7 +731,7 @@ def test_mergekit_normalize_divides_by_the_sum_of_weights(tmp_path: Path, method
             "parameters": {"normalize": True},
         },
     )
-    assert r.alpha == pytest.approx(1.0 / 3.0)
+    assert r.method_params.normalize is True and r.method_params.weight == 0.5
 
 
 def test_mergekit_linear_without_base_model(
@@ -734,7 +752,7 @@ def test_mergekit_linear_without_base_model(
         )
     )
     r = load_config(cfg)
-    assert r.method == "weight_average"
+    assert r.method == "gta" and r.base == str(models[0])
     assert cli.main(["merge", str(cfg), str(tmp_path / "out"), "-q"]) == 0
     got = read_output(tmp_path / "out")
     states = [base, *fts]
@@ -772,15 +790,11 @@ def test_mergekit_unnormalized_linear_is_mergekits_sum_or_refused(
             assert torch.allclose(got[name], torch.as_tensor(want), atol=1e-2), name
 
 
-def test_mergekit_gradient_weights_fail_clearly(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    cfg = tmp_path / "c.yml"
+def test_mergekit_gradient_weights_are_taken(tmp_path: Path) -> None:
     own = {"weight": [0.1, 0.5], "density": 0.5}
     doc = {"merge_method": "ties", "models": [{"model": "a", "parameters": own}]}
-    cfg.write_text(yaml.safe_dump({"base_model": "b", **doc}))
-    assert cli.main(["plan", str(cfg)]) == 2
-    assert "weight" in capsys.readouterr().err
+    r = _load_mergekit(tmp_path, doc)
+    assert r.params["weight"] == [0.1, 0.5] and r.method_params.per_tensor
 
 
 def test_mergekit_out_dtype_is_the_output_dtype(tmp_path: Path) -> None:
@@ -800,29 +814,17 @@ def test_mergekit_out_dtype_is_the_output_dtype(tmp_path: Path) -> None:
     ("doc", "expect"),
     [
         (
-            {
-                "merge_method": "ties",
-                "models": [
-                    {"model": "a", "parameters": {"weight": 0.5}},
-                    {"model": "c", "parameters": {"weight": 0.7}},
-                ],
-            },
-            ["weight", "differ"],
+            {"merge_method": "ties", "models": ["a"], "slices": [{"sources": []}]},
+            ["slices", "not supported"],
         ),
         (
-            {
-                "merge_method": "ties",
-                "models": [
-                    {"model": "a", "parameters": {"density": 0.5}},
-                    {"model": "c", "parameters": {"density": 0.7}},
-                ],
-            },
-            ["density", "differ"],
+            {"merge_method": "ties", "models": ["a"], "tokenizer_source": "union"},
+            ["tokenizer_source", "not supported"],
         ),
         ({"merge_method": "slerp", "models": ["a", "c"]}, ["slerp", "not supported"]),
         ({"merge_method": "ties", "models": ["b"]}, ["no fine-tuned models"]),
     ],
-    ids=["differing_weights", "differing_densities", "unsupported_method", "only_base"],
+    ids=["slices", "tokenizer_union", "unsupported_method", "only_base"],
 )
 def test_mergekit_configs_isofast_cannot_express_fail_clearly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], doc: dict[str, Any], expect: list[str]

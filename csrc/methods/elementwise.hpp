@@ -40,6 +40,28 @@ void consensus_mask(const std::vector<T*>& deltas, size_t n, double lam, int min
 template <class T>
 void task_sum(const std::vector<T*>& deltas, size_t n, bool mean, T* out, int threads);
 
+// Keep the entries of x whose rank, in the order of ascending |x| with ties broken by flat
+// index (ascending when index_ascending, else descending), lies in [lo, hi); zero the others.
+// Exactly hi - lo entries stay (of n); independent of the thread count.
+template <class T>
+void keep_rank_range(T* x, size_t n, size_t lo, size_t hi, bool index_ascending, int threads);
+
+// mergekit's sparsifications of one task vector (in place), then the optional L1 rescale:
+// magnitude keeps the top max(1, int(density n)) |x| (ties: lowest index first); random keeps
+// x_i where the contract's DARE draw u_i >= 1 - density (no 1/density rescale); outliers
+// (breadcrumbs) drops the int(gamma n) largest and keeps the next int(density n).
+template <class T>
+void gta_sparsify(T* x, size_t n, int method, double density, double gamma, bool rescale,
+                  uint64_t key, int threads);
+
+// mergekit's merge of sparsified, weighted task vectors: the sum over tasks (elect 0), or over
+// those whose sign equals the elected one (1: sign of the sum, 2: of the sum of signs; a zero
+// vote elects +), divided, when normalize, by the sum of the weights of the summed entries
+// (0 -> 1; without election |sum of weights| < 1e-8 -> 1).
+template <class T>
+void gta_merge(const std::vector<T*>& deltas, size_t n, const std::vector<double>& weights,
+               int elect, bool normalize, T* out, int threads);
+
 // 16-bit digit histogram of the bit patterns of |x| (monotone in |x|), for radix selection:
 // digit 0 is the top 16 bits; entries count only when their bits above the digit equal prefix.
 template <class T>

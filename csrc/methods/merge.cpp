@@ -12,6 +12,7 @@
 
 #include "../core/error.hpp"
 #include "../core/parallel.hpp"
+#include "../core/rng.hpp"
 #include "../core/route_log.hpp"
 #include "../linalg/backend.hpp"
 #include "chunk_kernels.hpp"
@@ -139,6 +140,44 @@ TiesSpec ties_spec(const MergeOptions& opt, const TaskVectors<T>& tv) {
   return spec;
 }
 
+// A per-task option: its value for task t; one value is every task's, none is `fallback`.
+double per_task(const std::vector<double>& values, size_t t, size_t tasks, double fallback,
+                const char* what) {
+  if (values.empty()) return fallback;
+  if (values.size() == 1) return values[0];
+  ISOFAST_CHECK(values.size() == tasks, "gta: ", values.size(), " ", what, " for ", tasks,
+                " tasks");
+  return values[t];
+}
+
+template <class T>
+void gta_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T>& tv, T* m) {
+  const GtaOptions& g = opt.gta;
+  const size_t tasks = tv.ptrs.size();
+  std::vector<double> weights(tasks);
+  for (size_t t = 0; t < tasks; ++t) {
+    gta_sparsify(tv.ptrs[t], tv.n, static_cast<int>(g.sparsify),
+                 per_task(g.densities, t, tasks, 1.0, "densities"),
+                 per_task(g.gammas, t, tasks, 0.0, "gammas"), g.rescale,
+                 dare_key(opt.dare.seed, item.name, t), opt.threads);
+    weights[t] = per_task(g.weights, t, tasks, 1.0, "weights");
+    const T w = static_cast<T>(weights[t]);
+    if (w != T(1)) {
+      T* d = tv.ptrs[t];
+      parallel_for(tv.n, opt.threads, [&](size_t b, size_t e) {
+        for (size_t i = b; i < e; ++i) d[i] *= w;
+      });
+    }
+  }
+  gta_merge(tv.ptrs, tv.n, weights, static_cast<int>(g.elect), g.normalize, m, opt.threads);
+  if (g.lambda != 1.0) {
+    const T lambda = static_cast<T>(g.lambda);
+    parallel_for(tv.n, opt.threads, [&](size_t b, size_t e) {
+      for (size_t i = b; i < e; ++i) m[i] *= lambda;
+    });
+  }
+}
+
 template <class T>
 void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T>& tv, T* m) {
   switch (opt.kernel) {
@@ -154,6 +193,8 @@ void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T
         task_sum(tv.ptrs, tv.n, false, m, opt.threads);
       return consensus_mask(tv.ptrs, tv.n, opt.consensus.lam, opt.consensus.min_agree, m,
                             opt.threads);
+    case Kernel::Gta:
+      return gta_update(opt, item, tv, m);
     case Kernel::TsvM:
     case Kernel::IsoC:
     case Kernel::IsoCts:

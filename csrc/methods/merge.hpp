@@ -12,13 +12,14 @@ namespace isofast {
 
 // The merge kernels; the Python method registry maps every method onto one of them (checked
 // at import time).
-enum class Kernel { Mean, Sum, Ties, Consensus, TsvM, IsoC, IsoCts };
+enum class Kernel { Mean, Sum, Ties, Consensus, Gta, TsvM, IsoC, IsoCts };
 inline const char* kernel_name(Kernel k) {
   switch (k) {
     case Kernel::Mean: return "mean";
     case Kernel::Sum: return "sum";
     case Kernel::Ties: return "ties";
     case Kernel::Consensus: return "consensus";
+    case Kernel::Gta: return "gta";
     case Kernel::TsvM: return "tsv_m";
     case Kernel::IsoC: return "iso_c";
     case Kernel::IsoCts: return "iso_cts";
@@ -49,6 +50,23 @@ struct ConsensusOptions {
   bool on_ties = false;  // mask a TIES merge instead of the task sum
 };
 
+// mergekit's "generalized task arithmetic" family (task_arithmetic, ties, dare_*, breadcrumbs*):
+// per task sparsify (+ L1 rescale) and weight; then the sum, optionally masked by the elected
+// sign, optionally divided by the sum of the weights of the kept entries (docs/MERGEKIT.md).
+enum class Sparsify { None, Magnitude, Random, MagnitudeOutliers };
+enum class Elect { None, Sum, Count };
+struct GtaOptions {
+  Sparsify sparsify = Sparsify::None;
+  Elect elect = Elect::None;
+  // Per task; one value applies to every task; empty: 1, 1, 0.
+  std::vector<double> weights;
+  std::vector<double> densities;
+  std::vector<double> gammas;  // MagnitudeOutliers: the share of largest entries dropped
+  bool rescale = false;           // match each sparsified task vector's L1 norm to the original
+  bool normalize = false;         // divide by the sum of the weights of the kept entries
+  double lambda = 1.0;            // scale of the merged update (mergekit's `lambda`)
+};
+
 struct MergeOptions {
   Kernel kernel = Kernel::Mean;
   double alpha = 1.0;
@@ -58,6 +76,7 @@ struct MergeOptions {
   DareOptions dare;
   TiesOptions ties;
   ConsensusOptions consensus;
+  GtaOptions gta;
   MatrixOptions matrix;
   // Inputs are read-only file mappings whose pages may be dropped once converted.
   bool release_inputs = false;
