@@ -142,7 +142,8 @@ std::shared_ptr<T> CudaBackend<T>::allocate(size_t count) {
 template <class T>
 void CudaBackend<T>::copy(int rows, int cols, const T* a, int lda, T* b, int ldb, bool transpose) {
   if (rows == 0 || cols == 0) return;
-  if (transpose) {  // B (cols x rows) = A^T; beta = 0 reads nothing from B
+  if (transpose) {  // B (cols x rows) = A^T, cuBLAS's in-place form (B = C, beta = 0)
+    fill(cols, rows, T(0), b, ldb);  // fresh pool memory: no stale NaN may meet beta = 0
     geam(true, false, cols, rows, T(1), a, lda, T(0), b, ldb, b, ldb);
     return;
   }
