@@ -12,8 +12,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from isofast import __version__
 from isofast.analysis import plots, report, summary
 from isofast.analysis.keys import KeyMeasures, Settings, measure_key
@@ -191,12 +189,11 @@ def _share(value: Any) -> float:
 
 
 def _rank_cut(request: MergeRequest) -> float:
-    """The merge's rank tolerance: rank_tol when the request sets it, else 16 eps of the
-    compute dtype (docs/ALGORITHMS.md, section 8.2)."""
-    tol = request.params.get("rank_tol")
-    if tol is not None:
-        return float(tol)
-    return 16 * float(np.finfo(request.compute_dtype).eps)
+    """The merge's rank tolerance (docs/ALGORITHMS.md, section 8.2): rank_tol when the request
+    sets it, else the compute dtype's default."""
+    from isofast.adapters.plan import rank_tolerance
+
+    return rank_tolerance(request.method_params, request.compute_dtype)
 
 
 def key_bytes(shape: tuple[int, ...], tasks: int, compute_bytes: int) -> int:

@@ -98,9 +98,7 @@ def measure_key(
         # Kept in the compute dtype, in place of the task matrix it replaces.
         bases.append(spectra.left_basis(deltas[t], spec, k).astype(deltas[t].dtype))
         deltas[t] = np.empty((0, 0), deltas[t].dtype)
-    overlaps = np.array(
-        [[spectra.subspace_overlap(a, b) for b in bases] for a in bases], dtype=np.float64
-    )
+    overlaps = overlap_matrix(bases)
     return KeyMeasures(
         name,
         shape,
@@ -111,6 +109,17 @@ def measure_key(
         stats_of(sum_values),
         methods,
     )
+
+
+def overlap_matrix(bases: Sequence[np.ndarray]) -> np.ndarray:
+    """Symmetric T x T task-subspace overlaps; a basis overlaps itself fully (1) unless empty."""
+    tasks = len(bases)
+    out = np.full((tasks, tasks), np.nan)
+    for t in range(tasks):
+        out[t, t] = 1.0 if bases[t].shape[1] else np.nan
+        for u in range(t + 1, tasks):
+            out[t, u] = out[u, t] = spectra.subspace_overlap(bases[t], bases[u])
+    return out
 
 
 def task_matrices(name: str, models: ModelSet, dtype: str) -> list[np.ndarray]:

@@ -9,6 +9,7 @@ equals, bit for bit, the update the merge computes before it adds theta0.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -42,8 +43,7 @@ class MethodUpdates:
 
     @property
     def params(self) -> dict[str, Any]:
-        import dataclasses
-
+        """The method's parameters, defaults spelled out."""
         return dataclasses.asdict(self.plan.params)
 
     def update(self, name: str, deltas: Sequence[np.ndarray]) -> np.ndarray:
