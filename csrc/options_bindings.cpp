@@ -18,7 +18,9 @@ void register_options(py::module_& m) {
       .value("gta", Kernel::Gta)
       .value("tsv_m", Kernel::TsvM)
       .value("iso_c", Kernel::IsoC)
-      .value("iso_cts", Kernel::IsoCts);
+      .value("iso_cts", Kernel::IsoCts)
+      .value("slerp", Kernel::Slerp)
+      .value("model_stock", Kernel::ModelStock);
   py::enum_<MatrixRoute>(m, "MatrixRoute",
                          "gram: float64 Gram eigenpairs (float32's route); direct: SVDs.")
       .value("auto", MatrixRoute::Auto)
@@ -60,6 +62,14 @@ void register_options(py::module_& m) {
       .def_readwrite("rescale", &GtaOptions::rescale)
       .def_readwrite("normalize", &GtaOptions::normalize)
       .def_readwrite("lam", &GtaOptions::lambda);
+  py::class_<SlerpOptions>(m, "SlerpOptions")
+      .def(py::init<>())
+      .def_readwrite("t", &SlerpOptions::t)
+      .def_readwrite("dot_threshold", &SlerpOptions::dot_threshold)
+      .def_readwrite("eps", &SlerpOptions::eps);
+  py::class_<ModelStockOptions>(m, "ModelStockOptions")
+      .def(py::init<>())
+      .def_readwrite("filter_wise", &ModelStockOptions::filter_wise);
   py::class_<MatrixOptions>(m, "MatrixOptions")
       .def(py::init<>())
       .def_readwrite("rank_tol", &MatrixOptions::rank_tol)
@@ -77,6 +87,8 @@ void register_options(py::module_& m) {
       .def_readwrite("ties", &MergeOptions::ties)
       .def_readwrite("consensus", &MergeOptions::consensus)
       .def_readwrite("gta", &MergeOptions::gta)
+      .def_readwrite("slerp", &MergeOptions::slerp)
+      .def_readwrite("model_stock", &MergeOptions::model_stock)
       .def_readwrite("matrix", &MergeOptions::matrix)
       .def_readwrite("release_inputs", &MergeOptions::release_inputs);
 }

@@ -16,6 +16,8 @@ class Kernel:
     tsv_m: Kernel
     iso_c: Kernel
     iso_cts: Kernel
+    slerp: Kernel
+    model_stock: Kernel
     __members__: dict[str, Kernel]
     name: str
 
@@ -67,6 +69,14 @@ class GtaOptions:
     normalize: bool
     lam: float
 
+class SlerpOptions:
+    t: float
+    dot_threshold: float
+    eps: float
+
+class ModelStockOptions:
+    filter_wise: bool
+
 class MatrixOptions:
     rank_tol: float
     common_space_fraction: float
@@ -82,6 +92,8 @@ class MergeOptions:
     ties: TiesOptions
     consensus: ConsensusOptions
     gta: GtaOptions
+    slerp: SlerpOptions
+    model_stock: ModelStockOptions
     matrix: MatrixOptions
     release_inputs: bool
     def __init__(self, other: MergeOptions | None = None) -> None: ...

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from isofast import param_schedule as sched
+from isofast import slices
 from isofast.errors import MergeInputError, MergeWarning, short
 from isofast.io.dtypes import parse_float_dtype
 from isofast.methods import get_method
@@ -71,14 +72,19 @@ _GTA = {
     "breadcrumbs": ("magnitude_outliers", "none", False, False),
     "breadcrumbs_ties": ("magnitude_outliers", "sum", False, False),
 }
-_MERGEKIT_METHODS = ("linear", *_GTA)
+# mergekit's interpolating methods, onto isofast's methods of the same name: their shared
+# parameters (mergekit's defaults; None: required).
+_INTERPOLATING: dict[str, dict[str, Any]] = {
+    "slerp": {"t": None},
+    "model_stock": {"filter_wise": False},
+}
+_MERGEKIT_METHODS = ("linear", *_GTA, *_INTERPOLATING)
 # Parameters per method family: per model, and shared (one value, maybe scheduled).
 _PER_MODEL = ("weight", "density", "gamma")
 _SHARED = ("normalize", "rescale", "lambda")
 _IGNORED = ("int8_mask",)  # changes only the dtype of a mask, never the result
 # Top-level keys that change nothing isofast writes, or that it refuses (with why).
 _REFUSED_KEYS = {
-    "slices": "slices (layer ranges, passthrough) are not supported yet",
     "modules": "modules are not supported yet",
     "tokenizer": "tokenizer settings are not supported (the base model's tokenizer is copied)",
 }
@@ -88,6 +94,8 @@ def from_mergekit(data: Mapping[str, Any], path: Path, root: Path) -> dict[str, 
     method = data["merge_method"]
     if not isinstance(method, str):
         raise MergeInputError(f"{path}: merge_method must be a name, got {short(method)}")
+    if method == "passthrough" or data.get("slices"):  # layer slices (isofast/slices.py)
+        return slices.mergekit_fields(data, str(path), lambda m, w: model_path(m, w, root))
     if method not in _MERGEKIT_METHODS:
         raise MergeInputError(
             f"{path}: mergekit method {method!r} is not supported; supported: "
@@ -111,6 +119,8 @@ def from_mergekit(data: Mapping[str, Any], path: Path, root: Path) -> dict[str, 
     own = [_own_parameters(e, path) for e in entries]
     if method == "linear":
         fields = _linear(data, entries, own, globals_, path, root)
+    elif method in _INTERPOLATING:
+        fields = _interpolating(method, data, entries, own, globals_, path, root)
     else:
         if "base_model" not in data:
             raise MergeInputError(
@@ -146,7 +156,7 @@ def from_mergekit(data: Mapping[str, Any], path: Path, root: Path) -> dict[str, 
     compute = "float64" if data.get("dtype") in ("float64", "fp64") else "float32"
     return dict(
         fields,
-        method="gta",
+        method=fields.get("method", "gta"),
         alpha=1.0,
         out_dtype=_float_dtype(dtype, path) if dtype else None,
         compute_dtype=compute,
@@ -191,6 +201,41 @@ def _linear(
     _warn_unknown(globals_, own, ("weight", "normalize", *_IGNORED), "linear", path)
     params = {"weight": sched.per_model(weights), "normalize": True}
     return {"base": base, "models": tuple(paths), "params": _drop_defaults(params)}
+
+
+def _interpolating(
+    method: str,
+    data: Mapping[str, Any],
+    entries: list[Any],
+    own: list[Mapping[str, Any]],
+    globals_: Mapping[str, Any],
+    path: Path,
+    root: Path,
+) -> dict[str, Any]:
+    """mergekit's slerp (base_model and one other model; `t`, maybe a gradient or filtered)
+    and model_stock (base_model and at least two others; `filter_wise`): isofast's methods of
+    the same name, with the shared parameters from the top-level `parameters`."""
+    if "base_model" not in data:
+        raise MergeInputError(f"{path}: mergekit's {method} needs 'base_model'")
+    base = model_path(data["base_model"], f"{path}: base_model", root)
+    where = f"{path}: models"
+    models = tuple(p for p in (model_path(e, where, root) for e in entries) if p != base)
+    if method == "slerp" and len(models) != 1:
+        raise MergeInputError(
+            f"{path}: slerp merges base_model with exactly one other model, got {len(models)}"
+        )
+    if method == "model_stock" and len(models) < 2:
+        raise MergeInputError(
+            f"{path}: model_stock needs at least two models besides base_model, got {len(models)}"
+        )
+    params: dict[str, Any] = {}
+    for name, default in _INTERPOLATING[method].items():
+        value = globals_.get(name, default)
+        if value is None:
+            raise MergeInputError(f"{path}: mergekit's {method} needs parameter {name!r}")
+        params[name] = value
+    _warn_unknown(globals_, own, (*_INTERPOLATING[method], *_IGNORED), method, path)
+    return {"base": base, "models": models, "params": params, "method": method}
 
 
 def _own_parameters(entry: Any, path: Path) -> Mapping[str, Any]:

@@ -236,6 +236,43 @@ class GtaParams(Params):
 
 
 @dataclass(frozen=True, kw_only=True)
+class SlerpParams(Params):
+    """mergekit's slerp: the spherical interpolation of the full weights of the base (t = 0)
+    and the fine-tuned model (t = 1; with several fine-tunes, their mean), linear where the
+    two are nearly colinear. t may be a gradient over the layers or filtered by tensor name."""
+
+    SCHEDULED: ClassVar[tuple[str, ...]] = ("t",)
+
+    t: Any = 0.5
+
+    def __post_init__(self) -> None:
+        self._check_settings({"t": _number("t")})
+
+    def configure(self, options: MergeOptions) -> None:
+        p = self.resolve("", 0.0)  # per-tensor values: the pipeline configures each tensor
+        assert isinstance(p, SlerpParams)
+        options.slerp.t = float(p.t)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelStockParams(Params):
+    """Model Stock: base + t * mean task vector, t = k cos / (1 + (k - 1) cos) from the mean
+    cosine between the task vectors, per tensor or (filter_wise) per row of its last axis."""
+
+    filter_wise: bool = False
+
+    def __post_init__(self) -> None:
+        _flag("filter_wise")(self.filter_wise)
+
+    def check_tasks(self, tasks: int) -> None:
+        super().check_tasks(tasks)
+        _check(tasks >= 2, f"model_stock needs at least two fine-tuned models, got {tasks}")
+
+    def configure(self, options: MergeOptions) -> None:
+        options.model_stock.filter_wise = self.filter_wise
+
+
+@dataclass(frozen=True, kw_only=True)
 class RankParams(Params):
     rank_tol: float | None = None
 
@@ -361,6 +398,24 @@ _METHODS: tuple[MethodSpec, ...] = (
         GtaParams,
         "https://github.com/arcee-ai/mergekit",
         "per model: sparsify, rescale, weight; elect a sign; weighted mean or sum",
+    ),
+    MethodSpec(
+        "slerp",
+        "SLERP",
+        "slerp",
+        "elementwise",
+        SlerpParams,
+        "https://en.wikipedia.org/wiki/Slerp",
+        "spherical interpolation of the base and the fine-tuned weights at t",
+    ),
+    MethodSpec(
+        "model_stock",
+        "Model Stock",
+        "model_stock",
+        "elementwise",
+        ModelStockParams,
+        "https://arxiv.org/abs/2403.19522",
+        "base + t * mean task vector, t from the angles between task vectors",
     ),
     MethodSpec(
         "tsv_m",

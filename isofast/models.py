@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from isofast import arrays
+from isofast import arrays, slices
 from isofast.errors import LinAlgError, MergeInputError
+from isofast.hub import why_missing
 from isofast.io import CheckpointReader
 from isofast.io.dtypes import name_of
 from isofast.request import MergeRequest, ModelSource
@@ -42,7 +43,10 @@ class _Checkpoint:
 
     def __init__(self, path: str, label: str, allow_pickle: bool) -> None:
         if not Path(path).exists():
-            raise MergeInputError(f"{label}: path does not exist: {path}")
+            hub = why_missing(path)  # also not a Hugging Face name in the cache
+            raise MergeInputError(
+                f"{label}: path does not exist: {path}" + (f"; {hub}" if hub else "")
+            )
         self.label = label
         self.path: Path | None = Path(path)
         self.reader = CheckpointReader(path, allow_pickle=allow_pickle)
@@ -130,7 +134,64 @@ class _InMemory:
         pass
 
 
-Model = _Checkpoint | _InMemory
+class _Sliced:
+    """Layer slices of several checkpoints seen as one model (isofast.slices): each output
+    name reads its tensor from (model, input name); nothing is loaded until read."""
+
+    def __init__(self, request: MergeRequest) -> None:
+        assert isinstance(request.base, str)
+        self.label = "sliced model"
+        self.path: Path | None = Path(request.base)
+        self.parts: dict[str, _Checkpoint] = {}
+        try:
+            for i, path in enumerate(
+                dict.fromkeys([request.base, *slices.models_of(request.slices)])
+            ):
+                label = "base model" if i == 0 else "sliced model"
+                self.parts[path] = _Checkpoint(path, f"{label} {path}", request.allow_pickle)
+            names = {path: list(part.meta) for path, part in self.parts.items()}
+            self.source = slices.layout(request.slices, request.base, names)
+        except BaseException:
+            self.close()
+            raise
+        self.meta = {out: self.parts[p].meta[name] for out, (p, name) in self.source.items()}
+        self.from_files = all(part.from_files for part in self.parts.values())
+        self.layers = slices.layer_count(request.slices)
+
+    def _part(self, name: str) -> tuple[_Checkpoint, str]:
+        path, source = self.source[name]
+        return self.parts[path], source
+
+    def where(self, name: str) -> str:
+        part, source = self._part(name)
+        return part.where(source)
+
+    def view(self, name: str) -> Any:
+        part, source = self._part(name)
+        return part.view(source)
+
+    def core_input(self, name: str) -> Any:
+        part, source = self._part(name)
+        return part.core_input(source)
+
+    def prefetch(self, name: str) -> None:
+        part, source = self._part(name)
+        part.prefetch(source)
+
+    def release(self, name: str) -> None:
+        part, source = self._part(name)
+        part.release(source)
+
+    def close(self) -> None:
+        for part in self.parts.values():
+            part.close()
+
+
+Model = _Checkpoint | _InMemory | _Sliced
+
+
+def _file_ids(model: _Checkpoint) -> list[tuple[str, int, int]]:
+    return [(str(f), st.st_size, st.st_mtime_ns) for f in model.reader.files for st in [f.stat()]]
 
 
 def _open(source: ModelSource, label: str, allow_pickle: bool) -> Model:
@@ -151,9 +212,12 @@ class ModelSet:
             for i, m in enumerate(request.models)
         ]
         self.models: list[Model] = []
+        if request.slices:  # one stacked model, copied: no fine-tunes to check against it
+            self.models.append(_Sliced(request))
         try:
             for source, label in zip((request.base, *request.models), labels, strict=True):
-                self.models.append(_open(source, label, request.allow_pickle))
+                if not request.slices:
+                    self.models.append(_open(source, label, request.allow_pickle))
             self._check()
         except BaseException:
             self.close()
@@ -197,6 +261,15 @@ class ModelSet:
         memory), so pages of mapped inputs may be dropped once converted."""
         return all(m.from_files for m in self.models)
 
+    def edited_side_files(self) -> dict[str, str]:
+        """Side files that differ from the base's: config.json of a sliced model (its layer
+        count); written before the base's are copied, so they win."""
+        model = self.models[0]
+        if not isinstance(model, _Sliced):
+            return {}
+        text = slices.config_json(self.side_file_folder, model.layers)
+        return {"config.json": text} if text is not None else {}
+
     def _check(self) -> None:
         base = self.models[0].meta
         devices = {getattr(m, "device", "cpu") for m in self.models}
@@ -228,11 +301,11 @@ class ModelSet:
         memory. Identifies the inputs of a merge to resume."""
         files = []
         for model in self.models:
-            if not isinstance(model, _Checkpoint):
-                return None
-            for f in model.reader.files:
-                st = f.stat()
-                files.append((str(f), st.st_size, st.st_mtime_ns))
+            parts = model.parts.values() if isinstance(model, _Sliced) else [model]
+            for part in parts:
+                if not isinstance(part, _Checkpoint):
+                    return None
+                files.extend(_file_ids(part))
         return files
 
     def core_item(self, name: str, matrix: bool, out: Any) -> CoreItem:

@@ -176,6 +176,8 @@ def merge_to_folder(
             writer.add(name, arrays.storage_bits(out), safetensors_name(dtype))
             report(name)
         log_routes()
+        for name, text in models.edited_side_files().items():  # before the base's: they win
+            writer.write_text(name, text)
         if models.side_file_folder is not None:
             writer.copy_side_files(models.side_file_folder)
         writer.write_text("README.md", model_card(request, plan.params))

@@ -142,7 +142,9 @@ def make_plan(request: MergeRequest, models: ModelSet) -> MergePlan:
     for name in models.names:
         meta = models.meta[name]
         numel = math.prod(meta.shape)
-        treatment = _treatment(spec, name, meta.shape, meta.dtype, request.exclude)
+        treatment: Treatment = "copy"  # layer slices are copied (isofast.slices)
+        if not request.slices:
+            treatment = _treatment(spec, name, meta.shape, meta.dtype, request.exclude)
         out_dtype = meta.dtype if treatment == "copy" else (request.out_dtype or meta.dtype)
         copies = 0 if treatment == "copy" else tasks + 1
         copies += MATRIX_EXTRA_COPIES if treatment == "matrix" else 0

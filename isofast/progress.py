@@ -9,7 +9,9 @@ from tqdm import tqdm
 
 
 class ProgressBar:
-    def __init__(self, total_bytes: int, total_tensors: int, disable: bool = False) -> None:
+    def __init__(
+        self, total_bytes: int, total_tensors: int, disable: bool = False, desc: str = "merging"
+    ) -> None:
         self.total_tensors = total_tensors
         self.done = 0
         self._bar = tqdm(
@@ -17,7 +19,7 @@ class ProgressBar:
             unit="B",
             unit_scale=True,
             unit_divisor=1024,
-            desc="merging",
+            desc=desc,
             disable=disable or (not sys.stderr.isatty() and total_bytes < 2**30),
             file=sys.stderr,
             dynamic_ncols=True,

@@ -17,7 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from isofast import slices
 from isofast.errors import MergeInputError, short
+from isofast.hub import local_model
 from isofast.io.dtypes import COMPUTE_DTYPES, parse_float_dtype
 from isofast.methods import Params, get_method
 from isofast.param_schedule import with_model_parameters
@@ -65,6 +67,12 @@ SETTINGS: tuple[Setting, ...] = (
         "exclude", "exclude", "--exclude", "name substring kept out of matrix methods (repeat)"
     ),
     Setting("seed", "seed", "--seed", "seed of the random methods (DARE)"),
+    Setting(
+        "slices",
+        "slices",
+        "--slices",
+        "passthrough: stack layer ranges MODEL:FIRST:END,... (with --base and each --model)",
+    ),
     Setting("threads", "threads", "--threads", "compute threads (default: every core)"),
     Setting("max_shard_bytes", "out_shard_size", "--out-shard-size", "largest output shard (5GiB)"),
     Setting(
@@ -112,6 +120,9 @@ class MergeRequest:
     adapters: tuple[ModelSource, ...] = ()
     output: str | None = None  # "adapter" or "model"; default: adapter for adapter merges
     max_rank: int | None = None
+    # Layer slices (isofast.slices): the output stacks these layer ranges; each is a
+    # (model path, first, end) source. `models` are then the slices' models.
+    slices: tuple[Any, ...] = ()
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -162,6 +173,21 @@ class MergeRequest:
                 f"allow_pickle must be true or false, got {short(self.allow_pickle)}"
             )
         put("device", parse_device(self.device))
+        if self.slices:
+            self._check_slices()
+
+    def _check_slices(self) -> None:
+        found = slices.parse(self.slices, "slices", lambda m, w: model_path(m, w, Path.cwd()))
+        object.__setattr__(self, "slices", found)
+        if self.adapters or not self.has_base or not isinstance(self.base, str):
+            raise MergeInputError("slices take models on disk and a base model, not adapters")
+        if self.method != slices.METHOD or self.params:
+            raise MergeInputError(
+                f"slices are copied (passthrough): method must be {slices.METHOD}, "
+                f"without parameters"
+            )
+        if list(self.models) != slices.models_of(found):
+            raise MergeInputError("models must be the slices' models, in order of appearance")
 
     def _check_output(self) -> None:
         output = self.output if self.output is not None else "adapter" if self.adapters else "model"
@@ -208,6 +234,7 @@ class MergeRequest:
         values["base_model"] = self.base if self.has_base else None
         values["parameters"] = dataclasses.asdict(self.method_params)  # defaults spelled out
         values["exclude"] = list(self.exclude)
+        values["slices"] = slices.to_config(self.slices)
         return values
 
     @classmethod
@@ -222,7 +249,7 @@ class MergeRequest:
 def config_fields(data: Mapping[str, Any], where: str, root: Path) -> dict[str, Any]:
     """The request fields an isofast YAML config sets; relative paths are relative to `root`
     (the config file's folder). `where` names the config in errors."""
-    unknown = sorted(str(k) for k in set(data) - set(CONFIG_KEYS))
+    unknown = sorted(str(k) for k in set(data) - {*CONFIG_KEYS, "slices"})
     if unknown:
         raise MergeInputError(
             f"{where}: unknown config key(s) {unknown}; known: {sorted(CONFIG_KEYS)}"
@@ -237,7 +264,11 @@ def config_fields(data: Mapping[str, Any], where: str, root: Path) -> dict[str, 
     models = data.get("models") or []
     if not isinstance(models, list) or not (models or adapters):
         raise MergeInputError(f"{where}: 'models' must be a non-empty list")
-    fields = {CONFIG_KEYS[k]: v for k, v in data.items() if v is not None or k == "out_dtype"}
+    fields = {
+        CONFIG_KEYS[k]: v
+        for k, v in data.items()
+        if (v is not None or k == "out_dtype") and k != "slices"
+    }
     base = data.get("base_model")
     no_base = adapters and base is None
     fields["base"] = {} if no_base else model_path(base, f"{where}: base_model", root)
@@ -251,23 +282,30 @@ def config_fields(data: Mapping[str, Any], where: str, root: Path) -> dict[str, 
             raise MergeInputError(f"{where}: 'parameters' must be a mapping")
         fields["params"] = with_model_parameters(shared, own)
     fields["adapters"] = tuple(model_path(a, f"{where}: adapters", root) for a in adapters)
+    if data.get("slices"):  # written configs spell out `slices: []`
+        take = lambda m, w: model_path(m, w, root)  # noqa: E731
+        fields["slices"] = slices.parse(data["slices"], f"{where}: slices", take)
     return fields
 
 
 def model_path(entry: Any, where: str, root: Path) -> str:
-    """A model entry of a config (`path` or `{model: path}`) as an absolute path."""
+    """A model entry of a config (`path` or `{model: path}`) as an absolute path; a Hugging
+    Face name (`org/name[@rev]`) that is not a local path is looked up in the hub cache."""
     if isinstance(entry, Mapping) and isinstance(entry.get("model"), str):
         entry = entry["model"]
     if not isinstance(entry, str):
         raise MergeInputError(
             f"{where}: each model must be a path or {{model: path}}, got {short(entry)}"
         )
-    return str(root / entry) if not Path(entry).is_absolute() else entry
+    try:
+        return local_model(entry, root)  # a path, or a Hugging Face name (org/name[@rev])
+    except MergeInputError as exc:
+        raise MergeInputError(f"{where}: {exc}") from None
 
 
 def _source(value: Any, what: str) -> ModelSource:
     if isinstance(value, (str, os.PathLike)):
-        return os.path.abspath(os.fspath(value))
+        return local_model(os.fspath(value), Path.cwd(), strict=False)
     if isinstance(value, Mapping):
         return value
     raise MergeInputError(

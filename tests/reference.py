@@ -518,3 +518,69 @@ def merge_model(
     for n in floats:
         out[n] = theta0[n] + alpha * m[n]
     return out
+
+
+# ----------------------------------------------------------------------------- interpolation
+
+
+def slerp(a: Array, b: Array, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Array:
+    """mergekit's slerp of two full weights (t = 0: a): norms at or below eps count as 1, and
+    where |cos| > dot_threshold the linear interpolation."""
+    a64, b64 = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    na, nb = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
+    na, nb = (na if na > eps else 1.0), (nb if nb > eps else 1.0)
+    dot = float(np.clip(np.sum((a64 / na) * (b64 / nb)), -1.0, 1.0))
+    if abs(dot) > dot_threshold:
+        return (1 - t) * a64 + t * b64
+    theta = math.acos(dot)
+    return (math.sin((1 - t) * theta) * a64 + math.sin(t * theta) * b64) / math.sin(theta)
+
+
+def slerp_model(
+    theta0: Model,
+    deltas_by_task: Sequence[Model],
+    t: float = 0.5,
+    per_tensor: Callable[[str], float] | None = None,
+) -> dict[str, Array]:
+    """Update M = slerp(theta0, theta0 + mean_k D_k, t) - theta0 per tensor; `per_tensor(name)`
+    gives t where it varies (gradients, filters)."""
+    out = {}
+    for n in _names(deltas_by_task):
+        a = np.asarray(theta0[n], np.float64)
+        b = a + np.mean(np.stack([np.asarray(d[n], np.float64) for d in deltas_by_task]), axis=0)
+        out[n] = slerp(a, b, per_tensor(n) if per_tensor else t) - a
+    return out
+
+
+def model_stock(deltas: Sequence[np.ndarray], filter_wise: bool = False) -> Array:
+    """mergekit's model_stock update of one tensor: per row (the whole tensor, or with
+    filter_wise each row of the last axis of a tensor of 2+ dims) the mean over task pairs of
+    cos = clamp(D_i.D_j / max(|D_i||D_j|, 1e-6), -1, 1); t = k cos / (1 + (k - 1) cos), 0 where
+    |1 + (k - 1) cos| < 1e-6; M = t * mean_k D_k."""
+    ds = _f64(deltas)
+    if len(ds) < 2:
+        raise ValueError("model_stock needs at least two tasks")
+    shape = ds[0].shape
+    by_row = filter_wise and len(shape) >= 2
+    rows = [d.reshape(-1, shape[-1]) if by_row else d.reshape(1, -1) for d in ds]
+    k = len(rows)
+    cosines = []
+    for i in range(k):
+        for j in range(i + 1, k):
+            norms = np.linalg.norm(rows[i], axis=1) * np.linalg.norm(rows[j], axis=1)
+            dot = np.sum(rows[i] * rows[j], axis=1)
+            cosines.append(np.clip(dot / np.maximum(norms, 1e-6), -1.0, 1.0))
+    cos = np.mean(np.stack(cosines), axis=0)
+    den = 1.0 + (k - 1) * cos
+    singular = np.abs(den) < 1e-6
+    ratio = np.where(singular, 0.0, k * cos / np.where(singular, 1.0, den))
+    mean = np.mean(np.stack(rows), axis=0)
+    return np.asarray((ratio[:, None] * mean).reshape(shape), np.float64)
+
+
+def model_stock_model(
+    deltas_by_task: Sequence[Model], filter_wise: bool = False
+) -> dict[str, Array]:
+    return {
+        n: model_stock([t[n] for t in deltas_by_task], filter_wise) for n in _names(deltas_by_task)
+    }

@@ -821,7 +821,7 @@ def test_mergekit_out_dtype_is_the_output_dtype(tmp_path: Path) -> None:
             {"merge_method": "ties", "models": ["a"], "tokenizer_source": "union"},
             ["tokenizer_source", "not supported"],
         ),
-        ({"merge_method": "slerp", "models": ["a", "c"]}, ["slerp", "not supported"]),
+        ({"merge_method": "nearswap", "models": ["a", "c"]}, ["nearswap", "not supported"]),
         ({"merge_method": "ties", "models": ["b"]}, ["no fine-tuned models"]),
     ],
     ids=["slices", "tokenizer_union", "unsupported_method", "only_base"],

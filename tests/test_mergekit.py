@@ -369,7 +369,7 @@ def test_gradient_and_filter_resolution() -> None:
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        ({"merge_method": "slerp"}, "not supported"),
+        ({"merge_method": "nearswap"}, "not supported"),
         ({"merge_method": "ties", "slices": [{"sources": []}]}, "slices"),
         ({"merge_method": "ties", "models": ["ft0"]}, "base_model"),
         ({"merge_method": "ties", "tokenizer_source": "union"}, "tokenizer_source"),

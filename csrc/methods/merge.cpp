@@ -17,6 +17,7 @@
 #include "../linalg/backend.hpp"
 #include "chunk_kernels.hpp"
 #include "elementwise.hpp"
+#include "interpolation.hpp"
 #include "matrix_methods.hpp"
 
 namespace isofast {
@@ -123,6 +124,47 @@ TaskVectors<T> load_task_vectors(const MergeOptions& opt, const MergeItem& item)
   return tv;
 }
 
+// The base tensor in the compute type (for the methods that interpolate full weights).
+template <class T>
+std::vector<T> load_base(const MergeOptions& opt, const MergeItem& item) {
+  const size_t n = static_cast<size_t>(item.base.numel());
+  std::vector<T> base(n);
+  const size_t chunks = (n + kChunk - 1) / kChunk;
+  parallel_take(chunks, opt.threads, [&](auto take) {
+    std::vector<char> raw;
+    for (size_t c = take(); c < chunks; c = take()) {
+      const size_t b = c * kChunk, len = std::min(kChunk, n - b);
+      load_chunk(input_chunk(item, 0, b, len, raw), item.base.dtype, len, base.data() + b);
+    }
+  });
+  return base;
+}
+
+template <class T>
+void slerp_dispatch(const MergeOptions& opt, const MergeItem& item, TaskVectors<T>& tv, T* m) {
+  const SlerpOptions& s = opt.slerp;
+  ISOFAST_CHECK(std::isfinite(s.t), "tensor '", item.name, "': slerp t must be finite");
+  const T* other = tv.ptrs[0];
+  if (tv.ptrs.size() > 1) {  // several fine-tunes: the other endpoint is their mean
+    task_sum(tv.ptrs, tv.n, true, m, opt.threads);
+    other = m;
+  }
+  const std::vector<T> base = load_base<T>(opt, item);
+  slerp_update(base.data(), other, tv.n, s.t, s.dot_threshold, s.eps, m, opt.threads);
+}
+
+template <class T>
+void model_stock_dispatch(const MergeOptions& opt, const MergeItem& item, TaskVectors<T>& tv,
+                          T* m) {
+  ISOFAST_CHECK(tv.ptrs.size() >= 2, "tensor '", item.name,
+                "': model_stock needs at least two fine-tuned models, got ", tv.ptrs.size());
+  const std::vector<int64_t>& shape = item.base.shape;
+  const size_t row_len = opt.model_stock.filter_wise && shape.size() >= 2
+                             ? static_cast<size_t>(shape.back())
+                             : tv.n;
+  model_stock_update(tv.ptrs, tv.n, row_len, m, opt.threads);
+}
+
 template <class T>
 TiesSpec ties_spec(const MergeOptions& opt, const TaskVectors<T>& tv) {
   TiesSpec spec;
@@ -195,6 +237,10 @@ void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T
                             opt.threads);
     case Kernel::Gta:
       return gta_update(opt, item, tv, m);
+    case Kernel::Slerp:
+      return slerp_dispatch(opt, item, tv, m);
+    case Kernel::ModelStock:
+      return model_stock_dispatch(opt, item, tv, m);
     case Kernel::TsvM:
     case Kernel::IsoC:
     case Kernel::IsoCts:

@@ -12,7 +12,7 @@ namespace isofast {
 
 // The merge kernels; the Python method registry maps every method onto one of them (checked
 // at import time).
-enum class Kernel { Mean, Sum, Ties, Consensus, Gta, TsvM, IsoC, IsoCts };
+enum class Kernel { Mean, Sum, Ties, Consensus, Gta, TsvM, IsoC, IsoCts, Slerp, ModelStock };
 inline const char* kernel_name(Kernel k) {
   switch (k) {
     case Kernel::Mean: return "mean";
@@ -23,6 +23,8 @@ inline const char* kernel_name(Kernel k) {
     case Kernel::TsvM: return "tsv_m";
     case Kernel::IsoC: return "iso_c";
     case Kernel::IsoCts: return "iso_cts";
+    case Kernel::Slerp: return "slerp";
+    case Kernel::ModelStock: return "model_stock";
   }
   return "?";
 }
@@ -67,6 +69,18 @@ struct GtaOptions {
   double lambda = 1.0;            // scale of the merged update (mergekit's `lambda`)
 };
 
+// mergekit's slerp of the base and the other model (with several fine-tunes: their mean).
+struct SlerpOptions {
+  double t = 0.5;                 // 0: the base, 1: the other model
+  double dot_threshold = 0.9995;  // |cos| above it: linear interpolation
+  double eps = 1e-8;              // norms at or below it count as 1
+};
+
+// mergekit's model_stock: one interpolation ratio per tensor, or per row of its last axis.
+struct ModelStockOptions {
+  bool filter_wise = false;
+};
+
 struct MergeOptions {
   Kernel kernel = Kernel::Mean;
   double alpha = 1.0;
@@ -77,6 +91,8 @@ struct MergeOptions {
   TiesOptions ties;
   ConsensusOptions consensus;
   GtaOptions gta;
+  SlerpOptions slerp;
+  ModelStockOptions model_stock;
   MatrixOptions matrix;
   // Inputs are read-only file mappings whose pages may be dropped once converted.
   bool release_inputs = false;

@@ -59,6 +59,19 @@ class Module:
             out[p.task] = (a.T, s * b.T) if self.transposed else (s * b, a)
         return out
 
+    def dense_updates(self, tasks: int, dtype: Any) -> list[np.ndarray]:
+        """D_1 .. D_T of this module in `dtype`, zeros where an adapter does not touch it
+        (reads data; one module at a time keeps memory bounded)."""
+        factors = self.factors()
+        out = []
+        for t in range(tasks):
+            if t in factors:
+                left, right = factors[t]
+                out.append(left.astype(dtype) @ right.astype(dtype))
+            else:
+                out.append(np.zeros(self.shape, dtype))
+        return out
+
 
 class BaseWeights:
     """The base model's tensors: a checkpoint on disk (headers now, data on demand) or a

@@ -64,15 +64,7 @@ class DenseMerge:
 
     def updates(self, module: Module) -> list[np.ndarray]:
         """D_1 .. D_T of `module` (zeros where an adapter does not touch it)."""
-        factors = module.factors()
-        out = []
-        for t in range(self.tasks):
-            if t in factors:
-                left, right = factors[t]
-                out.append(left.astype(self.dtype) @ right.astype(self.dtype))
-            else:
-                out.append(np.zeros(module.shape, self.dtype))
-        return out
+        return module.dense_updates(self.tasks, self.dtype)
 
     def _item(self, module: Module, out: np.ndarray | None) -> CoreItem:
         # The base is zero, so the kernel's task vectors are exactly the updates.

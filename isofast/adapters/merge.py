@@ -24,8 +24,6 @@ log = logging.getLogger(__name__)
 Progress = Callable[[str, int], None]
 _NOT_SETTINGS = frozenset({"base", "models", "params", "adapters", "output", "max_rank"})
 _FIELDS = frozenset(MergeRequest.__dataclass_fields__) - _NOT_SETTINGS
-# The old private name, which isofast.analysis.sources imports: use updates.Merger instead.
-_Merger = Merger
 
 
 AdapterSource = str | os.PathLike[str] | Mapping[str, Any] | Any  # Any: a peft.PeftModel

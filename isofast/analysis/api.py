@@ -107,7 +107,7 @@ def analyze_request(
         settings = Settings(share, _rank_cut(request), request.compute_dtype)
         measured: list[KeyMeasures] = []
         total = sum(source.nbytes(n) for n in names)
-        with _AnalysisBar(total, len(names), disable=not progress) as bar:
+        with ProgressBar(total, len(names), disable=not progress, desc="analyzing") as bar:
             for name in names:
                 with source.naming():
                     deltas = source.task_matrices(name)
@@ -246,11 +246,3 @@ def _header(request: MergeRequest, share: float, include: Sequence[str]) -> dict
             "depend on alpha",
         },
     }
-
-
-class _AnalysisBar(ProgressBar):
-    """The merge's progress bar (keys done, input MB/s), named for what it counts here."""
-
-    def __init__(self, total_bytes: int, total_keys: int, disable: bool = False) -> None:
-        super().__init__(total_bytes, total_keys, disable)
-        self._bar.set_description_str("analyzing", refresh=False)

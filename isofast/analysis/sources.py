@@ -141,16 +141,7 @@ class AdapterSource:
         )
 
     def task_matrices(self, name: str) -> list[np.ndarray]:
-        module = self.modules[name]
-        factors = module.factors()
-        out = []
-        for t in range(self.tasks):
-            if t in factors:
-                left, right = factors[t]
-                out.append(left.astype(self.dtype) @ right.astype(self.dtype))
-            else:
-                out.append(np.zeros(module.shape, self.dtype))
-        return out
+        return self.modules[name].dense_updates(self.tasks, self.dtype)
 
     def updates(self, method: str, params: Mapping[str, Any]) -> Updates:
         return AdapterUpdates(self.request, method, params, self.adapter_set)
@@ -169,8 +160,8 @@ class AdapterUpdates:
     def __init__(
         self, request: MergeRequest, method: str, params: Mapping[str, Any], adapter_set: Any
     ) -> None:
-        from isofast.adapters.merge import _Merger
         from isofast.adapters.plan import make_adapter_plan
+        from isofast.adapters.updates import Merger
         from isofast.methods import get_method
 
         spec = get_method(method)
@@ -178,7 +169,7 @@ class AdapterUpdates:
         self.name = spec.name
         self.plan = make_adapter_plan(self.request, adapter_set)
         self._modules = {m.module.weight: m for m in self.plan.modules}
-        self._merger = _Merger(self.plan)
+        self._merger = Merger(self.plan)
 
     @property
     def params(self) -> dict[str, Any]:
