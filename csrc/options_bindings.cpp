@@ -20,7 +20,11 @@ void register_options(py::module_& m) {
       .value("iso_c", Kernel::IsoC)
       .value("iso_cts", Kernel::IsoCts)
       .value("slerp", Kernel::Slerp)
-      .value("model_stock", Kernel::ModelStock);
+      .value("model_stock", Kernel::ModelStock)
+      .value("nuslerp", Kernel::Nuslerp)
+      .value("multislerp", Kernel::Multislerp)
+      .value("karcher", Kernel::Karcher)
+      .value("sce", Kernel::Sce);
   py::enum_<MatrixRoute>(m, "MatrixRoute",
                          "gram: float64 Gram eigenpairs (float32's route); direct: SVDs.")
       .value("auto", MatrixRoute::Auto)
@@ -47,7 +51,8 @@ void register_options(py::module_& m) {
       .value("none", Sparsify::None)
       .value("magnitude", Sparsify::Magnitude)
       .value("random", Sparsify::Random)
-      .value("magnitude_outliers", Sparsify::MagnitudeOutliers);
+      .value("magnitude_outliers", Sparsify::MagnitudeOutliers)
+      .value("della_magprune", Sparsify::DellaMagprune);
   py::enum_<Elect>(m, "Elect", "Sign election: none, sign of the sum, or of the sum of signs.")
       .value("none", Elect::None)
       .value("sum", Elect::Sum)
@@ -59,6 +64,7 @@ void register_options(py::module_& m) {
       .def_readwrite("weights", &GtaOptions::weights)
       .def_readwrite("densities", &GtaOptions::densities)
       .def_readwrite("gammas", &GtaOptions::gammas)
+      .def_readwrite("epsilons", &GtaOptions::epsilons)
       .def_readwrite("rescale", &GtaOptions::rescale)
       .def_readwrite("normalize", &GtaOptions::normalize)
       .def_readwrite("lam", &GtaOptions::lambda);
@@ -70,6 +76,24 @@ void register_options(py::module_& m) {
   py::class_<ModelStockOptions>(m, "ModelStockOptions")
       .def(py::init<>())
       .def_readwrite("filter_wise", &ModelStockOptions::filter_wise);
+  py::class_<NuslerpOptions>(m, "NuslerpOptions")
+      .def(py::init<>())
+      .def_readwrite("weights", &NuslerpOptions::weights)
+      .def_readwrite("row_wise", &NuslerpOptions::row_wise)
+      .def_readwrite("flatten", &NuslerpOptions::flatten)
+      .def_readwrite("eps", &NuslerpOptions::eps);
+  py::class_<MultislerpOptions>(m, "MultislerpOptions")
+      .def(py::init<>())
+      .def_readwrite("weights", &MultislerpOptions::weights)
+      .def_readwrite("normalize_weights", &MultislerpOptions::normalize_weights)
+      .def_readwrite("eps", &MultislerpOptions::eps);
+  py::class_<KarcherOptions>(m, "KarcherOptions")
+      .def(py::init<>())
+      .def_readwrite("max_iter", &KarcherOptions::max_iter)
+      .def_readwrite("tol", &KarcherOptions::tol);
+  py::class_<SceOptions>(m, "SceOptions")
+      .def(py::init<>())
+      .def_readwrite("select_topk", &SceOptions::select_topk);
   py::class_<MatrixOptions>(m, "MatrixOptions")
       .def(py::init<>())
       .def_readwrite("rank_tol", &MatrixOptions::rank_tol)
@@ -89,6 +113,10 @@ void register_options(py::module_& m) {
       .def_readwrite("gta", &MergeOptions::gta)
       .def_readwrite("slerp", &MergeOptions::slerp)
       .def_readwrite("model_stock", &MergeOptions::model_stock)
+      .def_readwrite("nuslerp", &MergeOptions::nuslerp)
+      .def_readwrite("multislerp", &MergeOptions::multislerp)
+      .def_readwrite("karcher", &MergeOptions::karcher)
+      .def_readwrite("sce", &MergeOptions::sce)
       .def_readwrite("matrix", &MergeOptions::matrix)
       .def_readwrite("release_inputs", &MergeOptions::release_inputs);
 }

@@ -18,6 +18,10 @@ class Kernel:
     iso_cts: Kernel
     slerp: Kernel
     model_stock: Kernel
+    nuslerp: Kernel
+    multislerp: Kernel
+    karcher: Kernel
+    sce: Kernel
     __members__: dict[str, Kernel]
     name: str
 
@@ -49,6 +53,7 @@ class Sparsify:
     magnitude: Sparsify
     random: Sparsify
     magnitude_outliers: Sparsify
+    della_magprune: Sparsify
     __members__: dict[str, Sparsify]
     name: str
 
@@ -65,6 +70,7 @@ class GtaOptions:
     weights: list[float]
     densities: list[float]
     gammas: list[float]
+    epsilons: list[float]
     rescale: bool
     normalize: bool
     lam: float
@@ -76,6 +82,24 @@ class SlerpOptions:
 
 class ModelStockOptions:
     filter_wise: bool
+
+class NuslerpOptions:
+    weights: list[float]
+    row_wise: bool
+    flatten: bool
+    eps: float
+
+class MultislerpOptions:
+    weights: list[float]
+    normalize_weights: bool
+    eps: float
+
+class KarcherOptions:
+    max_iter: int
+    tol: float
+
+class SceOptions:
+    select_topk: float
 
 class MatrixOptions:
     rank_tol: float
@@ -94,6 +118,10 @@ class MergeOptions:
     gta: GtaOptions
     slerp: SlerpOptions
     model_stock: ModelStockOptions
+    nuslerp: NuslerpOptions
+    multislerp: MultislerpOptions
+    karcher: KarcherOptions
+    sce: SceOptions
     matrix: MatrixOptions
     release_inputs: bool
     def __init__(self, other: MergeOptions | None = None) -> None: ...

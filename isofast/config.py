@@ -71,12 +71,23 @@ _GTA = {
     "dare_linear": ("random", "none", False, True),
     "breadcrumbs": ("magnitude_outliers", "none", False, False),
     "breadcrumbs_ties": ("magnitude_outliers", "sum", False, False),
+    "della": ("della_magprune", "sum", True, True),
+    "della_linear": ("della_magprune", "none", False, True),
 }
-# mergekit's interpolating methods, onto isofast's methods of the same name: their shared
-# parameters (mergekit's defaults; None: required).
+# mergekit's interpolating methods (and sce), onto isofast's methods of the same name: their
+# shared parameters (mergekit's defaults; None: required).
 _INTERPOLATING: dict[str, dict[str, Any]] = {
     "slerp": {"t": None},
     "model_stock": {"filter_wise": False},
+    "nuslerp": {"nuslerp_row_wise": False, "nuslerp_flatten": True},
+    "multislerp": {"normalize_weights": True, "eps": 1e-8},
+    "karcher": {"max_iter": 10, "tol": 1e-5},
+    "sce": {"select_topk": 1.0},
+}
+# Their per-model parameters (required by mergekit for every model besides the base).
+_INTERPOLATING_PER_MODEL: dict[str, tuple[str, ...]] = {
+    "nuslerp": ("weight",),
+    "multislerp": ("weight",),
 }
 _MERGEKIT_METHODS = ("linear", *_GTA, *_INTERPOLATING)
 # Parameters per method family: per model, and shared (one value, maybe scheduled).
@@ -130,8 +141,13 @@ def from_mergekit(data: Mapping[str, Any], path: Path, root: Path) -> dict[str, 
         # A base listed among the models adds nothing (mergekit merges the others).
         kept = [i for i, e in enumerate(entries) if model_path(e, where, root) != base]
         sparsify, elect, normalize, rescale = _GTA[method]
-        # density is taken (and unused) without sparsification, gamma by breadcrumbs only.
-        per_model = _PER_MODEL if sparsify == "magnitude_outliers" else _PER_MODEL[:2]
+        # density is taken (and unused) without sparsification, gamma by breadcrumbs only,
+        # epsilon by della only.
+        per_model: tuple[str, ...] = _PER_MODEL[:2]
+        if sparsify == "magnitude_outliers":
+            per_model = (*per_model, "gamma")
+        elif sparsify == "della_magprune":
+            per_model = (*per_model, "epsilon")
         used = per_model if sparsify != "none" else ("weight",)
         params: dict[str, Any] = {"sparsify": sparsify, "elect": elect}
         for name in used:
@@ -212,29 +228,52 @@ def _interpolating(
     path: Path,
     root: Path,
 ) -> dict[str, Any]:
-    """mergekit's slerp (base_model and one other model; `t`, maybe a gradient or filtered)
-    and model_stock (base_model and at least two others; `filter_wise`): isofast's methods of
-    the same name, with the shared parameters from the top-level `parameters`."""
-    if "base_model" not in data:
-        raise MergeInputError(f"{path}: mergekit's {method} needs 'base_model'")
-    base = model_path(data["base_model"], f"{path}: base_model", root)
+    """mergekit's slerp (base_model and one other model; `t`, maybe a gradient or filtered),
+    model_stock (base_model and at least two others; `filter_wise`), nuslerp (base_model and
+    exactly two others, a `weight` each), multislerp (base_model and one or more others, a
+    `weight` each), karcher (the mean of every model, base_model included; without one the
+    first model is isofast's base) and sce (base_model and one or more others;
+    `select_topk`): isofast's methods of the same name, with the shared parameters from the
+    top-level `parameters` and the per-model ones from each model's, else the top level's."""
     where = f"{path}: models"
-    models = tuple(p for p in (model_path(e, where, root) for e in entries) if p != base)
+    if method == "karcher" and "base_model" not in data and entries:
+        base = model_path(entries[0], where, root)
+    elif "base_model" not in data:
+        raise MergeInputError(f"{path}: mergekit's {method} needs 'base_model'")
+    else:
+        base = model_path(data["base_model"], f"{path}: base_model", root)
+    kept = [i for i, e in enumerate(entries) if model_path(e, where, root) != base]
+    models = tuple(model_path(entries[i], where, root) for i in kept)
     if method == "slerp" and len(models) != 1:
         raise MergeInputError(
             f"{path}: slerp merges base_model with exactly one other model, got {len(models)}"
+        )
+    if method == "nuslerp" and len(models) != 2:
+        raise MergeInputError(
+            f"{path}: nuslerp merges exactly two models besides base_model, got {len(models)}"
         )
     if method == "model_stock" and len(models) < 2:
         raise MergeInputError(
             f"{path}: model_stock needs at least two models besides base_model, got {len(models)}"
         )
+    if not models:
+        raise MergeInputError(f"{path}: {method} needs a model besides base_model")
     params: dict[str, Any] = {}
     for name, default in _INTERPOLATING[method].items():
         value = globals_.get(name, default)
         if value is None:
             raise MergeInputError(f"{path}: mergekit's {method} needs parameter {name!r}")
         params[name] = value
-    _warn_unknown(globals_, own, (*_INTERPOLATING[method], *_IGNORED), method, path)
+    per_model = _INTERPOLATING_PER_MODEL.get(method, ())
+    for name in per_model:
+        values = [sched.with_fallback(own[i].get(name), globals_.get(name)) for i in kept]
+        if any(v is None for v in values):
+            raise MergeInputError(
+                f"{path}: mergekit's {method} needs parameter {name!r} for every model"
+            )
+        params[name] = sched.per_model(values)
+    known = (*_INTERPOLATING[method], *per_model, *_IGNORED)
+    _warn_unknown(globals_, [own[i] for i in kept], known, method, path)
     return {"base": base, "models": models, "params": params, "method": method}
 
 

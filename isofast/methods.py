@@ -174,32 +174,37 @@ def _per_task(value: Any) -> list[float]:
 class GtaParams(Params):
     """mergekit's generalized task arithmetic (docs/MERGEKIT.md): per model, sparsify the
     task vector (magnitude: exact top-k; random: the contract's DARE draw; magnitude_outliers:
-    breadcrumbs), rescale it to its L1 norm (rescale) and weight it; then sum, over the entries
+    breadcrumbs; della_magprune: DELLA's draw with rank-dependent probabilities density +-
+    epsilon), rescale it to its L1 norm (rescale) and weight it; then sum, over the entries
     whose sign is the elected one (elect), divided by the sum of their weights (normalize),
-    times lam. weight, density and gamma may differ per model; every value may be a gradient
-    or filtered (isofast.param_schedule)."""
+    times lam. weight, density, gamma and epsilon may differ per model; every value may be a
+    gradient or filtered (isofast.param_schedule)."""
 
     SCHEDULED: ClassVar[tuple[str, ...]] = (
         "weight",
         "density",
         "gamma",
+        "epsilon",
         "rescale",
         "normalize",
         "lam",
     )
-    PER_MODEL: ClassVar[tuple[str, ...]] = ("weight", "density", "gamma")
+    PER_MODEL: ClassVar[tuple[str, ...]] = ("weight", "density", "gamma", "epsilon")
 
-    sparsify: Literal["none", "magnitude", "random", "magnitude_outliers"] = "none"
+    sparsify: Literal["none", "magnitude", "random", "magnitude_outliers", "della_magprune"] = (
+        "none"
+    )
     elect: Literal["none", "sum", "count"] = "none"
     weight: Any = 1.0
     density: Any = 1.0
     gamma: Any = 0.01
+    epsilon: Any = 0.15
     rescale: Any = False
     normalize: Any = False
     lam: Any = 1.0
 
     def __post_init__(self) -> None:
-        kinds = ("none", "magnitude", "random", "magnitude_outliers")
+        kinds = ("none", "magnitude", "random", "magnitude_outliers", "della_magprune")
         _check(
             self.sparsify in kinds, f"sparsify must be one of {kinds}, got {short(self.sparsify)}"
         )
@@ -212,6 +217,7 @@ class GtaParams(Params):
                 "weight": _number("weight"),
                 "density": _number("density", 0.0, 1.0),
                 "gamma": _number("gamma", 0.0, 1.0),
+                "epsilon": _number("epsilon", 0.0, 1.0),
                 "rescale": _flag("rescale"),
                 "normalize": _flag("normalize"),
                 "lam": _number("lam"),
@@ -229,6 +235,7 @@ class GtaParams(Params):
         g.weights = _per_task(p.weight)
         g.densities = _per_task(p.density)
         g.gammas = _per_task(p.gamma)
+        g.epsilons = _per_task(p.epsilon)
         g.rescale = bool(p.rescale)
         g.normalize = bool(p.normalize)
         g.lam = float(p.lam)
@@ -270,6 +277,97 @@ class ModelStockParams(Params):
 
     def configure(self, options: MergeOptions) -> None:
         options.model_stock.filter_wise = self.filter_wise
+
+
+@dataclass(frozen=True, kw_only=True)
+class NuslerpParams(Params):
+    """mergekit's nuslerp: the spherical interpolation of two task vectors at
+    t = w_1 / (w_0 + w_1), over the whole tensor (nuslerp_flatten), its rows of the last axis,
+    or (nuslerp_row_wise) its vectors along the first axis; more models fold in one at a time
+    (a running spherical mean; mergekit takes exactly two). weight is per model and may be a
+    gradient or filtered."""
+
+    SCHEDULED: ClassVar[tuple[str, ...]] = ("weight",)
+    PER_MODEL: ClassVar[tuple[str, ...]] = ("weight",)
+
+    weight: Any = 1.0
+    nuslerp_row_wise: bool = False
+    nuslerp_flatten: bool = True
+
+    def __post_init__(self) -> None:
+        self._check_settings({"weight": _number("weight")})
+        _flag("nuslerp_row_wise")(self.nuslerp_row_wise)
+        _flag("nuslerp_flatten")(self.nuslerp_flatten)
+
+    def configure(self, options: MergeOptions) -> None:
+        p = self.resolve("", 0.0)  # per-tensor values: the pipeline configures each tensor
+        assert isinstance(p, NuslerpParams)
+        options.nuslerp.weights = _per_task(p.weight)
+        options.nuslerp.row_wise = self.nuslerp_row_wise
+        options.nuslerp.flatten = self.nuslerp_flatten
+
+
+@dataclass(frozen=True, kw_only=True)
+class MultislerpParams(Params):
+    """mergekit's multislerp: barycentric interpolation of the task vectors on the
+    hypersphere, scaled to their weighted mean norm. weight is per model and may be a gradient
+    or filtered."""
+
+    SCHEDULED: ClassVar[tuple[str, ...]] = ("weight",)
+    PER_MODEL: ClassVar[tuple[str, ...]] = ("weight",)
+
+    weight: Any = 1.0
+    normalize_weights: bool = True
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        self._check_settings({"weight": _number("weight")})
+        _flag("normalize_weights")(self.normalize_weights)
+        _number("eps", 0.0)(self.eps)
+
+    def configure(self, options: MergeOptions) -> None:
+        p = self.resolve("", 0.0)  # per-tensor values: the pipeline configures each tensor
+        assert isinstance(p, MultislerpParams)
+        options.multislerp.weights = _per_task(p.weight)
+        options.multislerp.normalize_weights = self.normalize_weights
+        options.multislerp.eps = float(self.eps)
+
+
+@dataclass(frozen=True, kw_only=True)
+class KarcherParams(Params):
+    """mergekit's karcher: the Karcher (Riemannian) mean on the unit sphere of the full
+    weights of the base and every fine-tuned model, equal weights, scaled to their mean norm:
+    at most max_iter steps, stopping once the tangent step is below tol."""
+
+    max_iter: int = 10
+    tol: float = 1e-5
+
+    def __post_init__(self) -> None:
+        it = self.max_iter
+        _check(
+            isinstance(it, int) and not isinstance(it, bool) and 0 <= it <= 10**6,
+            f"max_iter must be an integer in [0, 1000000], got {short(it)}",
+        )
+        _number("tol", 0.0)(self.tol)
+
+    def configure(self, options: MergeOptions) -> None:
+        options.karcher.max_iter = self.max_iter
+        options.karcher.tol = float(self.tol)
+
+
+@dataclass(frozen=True, kw_only=True)
+class SceParams(Params):
+    """mergekit's SCE: keep the entries whose variance across the task vectors is in the top
+    select_topk share (1: all), weight each task vector by its mean square, and take the
+    weighted mean over the entries of the elected sign."""
+
+    select_topk: float = 1.0
+
+    def __post_init__(self) -> None:
+        _number("select_topk")(self.select_topk)
+
+    def configure(self, options: MergeOptions) -> None:
+        options.sce.select_topk = float(self.select_topk)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -416,6 +514,42 @@ _METHODS: tuple[MethodSpec, ...] = (
         ModelStockParams,
         "https://arxiv.org/abs/2403.19522",
         "base + t * mean task vector, t from the angles between task vectors",
+    ),
+    MethodSpec(
+        "nuslerp",
+        "NuSLERP",
+        "nuslerp",
+        "elementwise",
+        NuslerpParams,
+        "https://github.com/arcee-ai/mergekit",
+        "spherical interpolation of two task vectors, weighted, per tensor or per row",
+    ),
+    MethodSpec(
+        "multislerp",
+        "Multi-SLERP",
+        "multislerp",
+        "elementwise",
+        MultislerpParams,
+        "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        "weighted barycentre of the task vectors on the hypersphere",
+    ),
+    MethodSpec(
+        "karcher",
+        "Karcher mean",
+        "karcher",
+        "elementwise",
+        KarcherParams,
+        "https://en.wikipedia.org/wiki/Fr%C3%A9chet_mean",
+        "Riemannian mean of the base and fine-tuned weights on the hypersphere",
+    ),
+    MethodSpec(
+        "sce",
+        "SCE",
+        "sce",
+        "elementwise",
+        SceParams,
+        "https://arxiv.org/abs/2408.07990",
+        "select high-variance entries, weight by mean square, elect sign, weighted mean",
     ),
     MethodSpec(
         "tsv_m",

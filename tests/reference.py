@@ -584,3 +584,264 @@ def model_stock_model(
     return {
         n: model_stock([t[n] for t in deltas_by_task], filter_wise) for n in _names(deltas_by_task)
     }
+
+
+def nuslerp(
+    d0: np.ndarray,
+    d1: np.ndarray,
+    t: float,
+    row_wise: bool = False,
+    flatten: bool = True,
+    eps: float = 1e-8,
+) -> Array:
+    """mergekit's nuslerp of two task vectors (t = 0: d0), over the whole tensor (flatten),
+    each row of its last axis, or (row_wise) each vector along its first axis: norms clamped to
+    >= 1e-7; where 1 - cos^2 <= eps^2 the linear interpolation."""
+    a, b = np.asarray(d0, np.float64), np.asarray(d1, np.float64)
+    shape = a.shape
+    if flatten or a.ndim == 0:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    elif row_wise:
+        a, b = np.moveaxis(a, 0, -1), np.moveaxis(b, 0, -1)
+    moved = a.shape
+    a, b = a.reshape(-1, moved[-1]), b.reshape(-1, moved[-1])
+    na = np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-7)
+    nb = np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-7)
+    cos = np.clip(np.sum((a / na) * (b / nb), axis=1, keepdims=True), -1.0, 1.0)
+    colinear = (1 - cos**2) <= eps**2
+    theta = np.arccos(np.where(colinear, 0.0, cos))
+    sin = np.where(colinear, 1.0, np.sin(theta))
+    sph = (np.sin((1 - t) * theta) * a + np.sin(t * theta) * b) / sin
+    out = np.where(colinear, (1 - t) * a + t * b, sph).reshape(moved)
+    if row_wise and not flatten and out.ndim > 0:
+        out = np.moveaxis(out, -1, 0)
+    return np.asarray(out.reshape(shape), np.float64)
+
+
+def nuslerp_model(
+    deltas_by_task: Sequence[Model],
+    weight: Any = 1.0,
+    row_wise: bool = False,
+    flatten: bool = True,
+    per_tensor: Callable[[str], Any] | None = None,
+) -> dict[str, Array]:
+    """Per tensor: nuslerp(D_0, D_1) at t = w_1 / (w_0 + w_1) (0.5 where |w_0 + w_1| < 1e-6);
+    more tasks fold in one at a time, r = nuslerp(r, D_k) at t = w_k / (w_0 + ... + w_k);
+    `per_tensor(name)` gives the weight (a scalar or one per model) where it varies."""
+    out = {}
+    for n in _names(deltas_by_task):
+        w = per_tensor(n) if per_tensor else weight
+        r = np.asarray(deltas_by_task[0][n], np.float64)
+        seen = _for_task(w, 0)
+        for k in range(1, len(deltas_by_task)):
+            total = seen + _for_task(w, k)
+            t = 0.5 if abs(total) < 1e-6 else _for_task(w, k) / total
+            r = nuslerp(r, deltas_by_task[k][n], t, row_wise, flatten)
+            seen = total
+        out[n] = r
+    return out
+
+
+def multislerp(
+    deltas: Sequence[np.ndarray],
+    weights: Sequence[float],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> Array:
+    """mergekit's multislerp of task vectors, step by step as mergekit writes it (tangent space
+    at the weighted mean of the unit vectors, exponential map back, times the weighted mean
+    norm)."""
+    ds = _f64(deltas)
+    if len(ds) == 1:
+        return ds[0].copy()
+    shape = ds[0].shape
+    x = np.stack([d.ravel() for d in ds])
+    w = np.asarray(weights, np.float64)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    units = x / (norms + eps)
+    mean = (units * w[:, None]).sum(0)
+    mean_norm = float(np.linalg.norm(mean))
+    if mean_norm < eps:
+        if len(ds) == 2:
+            return np.asarray((w[0] * x[0] + w[1] * x[1]).reshape(shape), np.float64)
+        raise ValueError("the weighted sum of the unit task vectors is zero")
+    mean = mean / mean_norm
+    dots = units @ mean
+    tangent = ((units - dots[:, None] * mean) * w[:, None]).sum(0)
+    tn = float(np.linalg.norm(tangent)) + eps
+    result = mean * math.cos(tn) + tangent * (math.sin(tn) / tn)
+    return np.asarray((result * float(norms[:, 0] @ w)).reshape(shape), np.float64)
+
+
+def multislerp_model(
+    deltas_by_task: Sequence[Model],
+    weight: Any = 1.0,
+    normalize_weights: bool = True,
+    per_tensor: Callable[[str], Any] | None = None,
+) -> dict[str, Array]:
+    out = {}
+    for n in _names(deltas_by_task):
+        w = per_tensor(n) if per_tensor else weight
+        weights = [_for_task(w, t) for t in range(len(deltas_by_task))]
+        out[n] = multislerp([t[n] for t in deltas_by_task], weights, normalize_weights)
+    return out
+
+
+def karcher(tensors: Sequence[np.ndarray], max_iter: int = 10, tol: float = 1e-5) -> Array:
+    """mergekit's karcher of full weights, step by step as mergekit writes it (equal weights):
+    models with norm <= tol left out of the mean, the mean norm of all as its scale."""
+    xs = _f64(tensors)
+    if len(xs) == 1:
+        return xs[0].copy()
+    shape = xs[0].shape
+    flat = [x.ravel() for x in xs]
+    norms = [float(np.linalg.norm(x)) for x in flat]
+    valid = [i for i, nm in enumerate(norms) if nm > tol]
+    if not valid:
+        return np.zeros(shape)
+    units = [flat[i] / norms[i] for i in valid]
+    alpha = 1.0 / len(valid)
+    mean = sum(alpha * u for u in units)
+    mean_norm = float(np.linalg.norm(mean))
+    mean = units[0].copy() if mean_norm < tol else mean / mean_norm
+    for _ in range(max_iter):
+        tangent = np.zeros_like(mean)
+        for u in units:
+            dot = float(np.clip(mean @ u, -1.0, 1.0))
+            theta = math.acos(dot)
+            if theta < tol:
+                continue
+            tangent += alpha * (theta / math.sin(theta)) * (u - dot * mean)
+        tn = float(np.linalg.norm(tangent))
+        if tn < tol:
+            break
+        mean = math.cos(tn) * mean + math.sin(tn) * (tangent / tn)
+        unit_norm = float(np.linalg.norm(mean))
+        if unit_norm > tol:
+            mean = mean / unit_norm
+    scale = sum(norms) / len(norms)
+    return np.asarray((scale * mean).reshape(shape), np.float64)
+
+
+def karcher_model(
+    theta0: Model, deltas_by_task: Sequence[Model], max_iter: int = 10, tol: float = 1e-5
+) -> dict[str, Array]:
+    """Update M = karcher(theta0, theta0 + D_1, ...) - theta0 per tensor."""
+    out = {}
+    for n in _names(deltas_by_task):
+        a = np.asarray(theta0[n], np.float64)
+        models = [a, *(a + np.asarray(d[n], np.float64) for d in deltas_by_task)]
+        out[n] = karcher(models, max_iter, tol) - a
+    return out
+
+
+def della_mask(
+    x: np.ndarray, seed: int, name: str, task_index: int, density: float, epsilon: float
+) -> NDArray[np.bool_]:
+    """DELLA's MagPrune keep mask of tensor x (mergekit's della_magprune with the contract's
+    draw): per row along the second axis (a 1-D tensor: one row), the ascending (|x|, index)
+    rank j of m entries gives p = (density - epsilon) + j / (m - 1) * 2 epsilon (0 for m = 1);
+    entry i (flat row-major index) stays when the DARE draw u_i >= 1 - p."""
+    a = np.asarray(x, np.float64)
+    shape = a.shape
+    if a.ndim < 2:
+        a = a.reshape(1, -1)
+    moved = np.moveaxis(a, 1, -1)  # rows along the second axis
+    flat = moved.reshape(-1, moved.shape[-1])
+    m = flat.shape[1]
+    ranks = np.argsort(np.argsort(np.abs(flat), axis=1, kind="stable"), axis=1, kind="stable")
+    rank_norm = ranks / (m - 1) if m > 1 else np.zeros_like(flat)
+    p = (density - epsilon) + rank_norm * 2 * epsilon
+    p_full = np.moveaxis(p.reshape(moved.shape), -1, 1).reshape(shape)
+    key = _mix(np.array(seed & _MASK64, dtype=np.uint64))
+    key = _mix(key ^ _U64(_fnv1a64(name)))
+    key = _mix(key ^ _U64(task_index & _MASK64))
+    i = np.arange(1, a.size + 1, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = key + i * _U64(0x9E3779B97F4A7C15)
+    u = (_mix(z) >> _U64(11)).astype(np.float64) * 2.0**-53
+    return np.asarray(u.reshape(shape) >= 1.0 - p_full)
+
+
+def della_model(
+    deltas_by_task: Sequence[Model],
+    seed: int = 0,
+    per_tensor: Callable[[str], dict[str, Any]] | None = None,
+    **params: Any,
+) -> dict[str, Array]:
+    """mergekit's della / della_linear: gta (gta_model's parameters) with DELLA's MagPrune as
+    the sparsification (per model `epsilon`, default 0.15) and its L1 rescale."""
+    out = {}
+    for n in _names(deltas_by_task):
+        p = {
+            "elect": "none",
+            "weight": 1.0,
+            "density": 1.0,
+            "epsilon": 0.15,
+            "rescale": True,
+            "normalize": False,
+            "lam": 1.0,
+            **params,
+            **(per_tensor(n) if per_tensor else {}),
+        }
+        shape = np.shape(deltas_by_task[0][n])
+        vectors = []
+        for t, task in enumerate(deltas_by_task):
+            x = np.asarray(task[n], np.float64)
+            density, epsilon = _for_task(p["density"], t), _for_task(p["epsilon"], t)
+            if density >= 1:
+                kept = x.copy()
+            elif density <= 0:
+                kept = np.zeros_like(x)
+            else:
+                if not (density + epsilon < 1 and density - epsilon > 0):
+                    raise ValueError("density +- epsilon must lie in (0, 1)")
+                kept = np.where(della_mask(x, seed, n, t, density, epsilon), x, 0.0)
+                if p["rescale"]:
+                    before, after = np.abs(x).sum(), np.abs(kept).sum()
+                    if before >= 1e-7 and after >= 1e-7:
+                        kept = kept * (before / after)
+            vectors.append(kept.ravel())
+        weights = [_for_task(p["weight"], t) for t in range(len(deltas_by_task))]
+        merged = gta_vectors(vectors, weights, p["elect"], bool(p["normalize"]), float(p["lam"]))
+        out[n] = merged.reshape(shape)
+    return out
+
+
+def sce(deltas: Sequence[np.ndarray], select_topk: float = 1.0) -> Array:
+    """mergekit's sce of one tensor: select_topk < 1 keeps, in every task vector, the entries
+    of the k = int(nz * select_topk) largest population variances across tasks (nz: entries
+    where the tasks differ; ties to the lowest index; none when select_topk <= 0); weights
+    w_t = mean(D_t^2) / sum (1/T each where the sum is below 1e-6); s = +1 where sum_t D_t >= 0
+    else -1; M = sum over t with sign(D_t) = s of w_t D_t / max(sum of their w_t, 1e-6)."""
+    ds = np.stack([d.ravel() for d in _f64(deltas)])
+    shape = np.shape(deltas[0])
+    tasks, n = ds.shape
+    if select_topk < 1:
+        keep = np.zeros(n, dtype=bool)
+        if select_topk > 0:
+            mean = ds[0].copy()
+            for t in range(1, tasks):
+                mean = mean + ds[t]
+            mean = mean / tasks
+            sq = (ds[0] - mean) ** 2
+            for t in range(1, tasks):
+                sq = sq + (ds[t] - mean) ** 2
+            var = np.where(np.all(ds == ds[0], axis=0), 0.0, sq / tasks)
+            k = int(np.count_nonzero(var) * select_topk)
+            order = np.lexsort((np.arange(n), -var))  # variance descending, index ascending
+            keep[order[:k]] = True
+        ds = np.where(keep, ds, 0.0)
+    w = np.mean(ds**2, axis=1)
+    w = np.full(tasks, 1.0 / tasks) if abs(w.sum()) < 1e-6 else w / w.sum()
+    s = np.where(ds.sum(axis=0) >= 0, 1.0, -1.0)
+    mask = np.sign(ds) == s
+    ew = np.where(mask, w[:, None], 0.0)
+    out = (ds * ew).sum(axis=0) / np.maximum(ew.sum(axis=0), 1e-6)
+    return np.asarray(out.reshape(shape), np.float64)
+
+
+def sce_model(deltas_by_task: Sequence[Model], select_topk: float = 1.0) -> dict[str, Array]:
+    return {n: sce([t[n] for t in deltas_by_task], select_topk) for n in _names(deltas_by_task)}

@@ -55,6 +55,9 @@ def equal_models(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 # ----------------------------------------------------------------------------- alpha = 0
 
+# Methods undefined for fewer fine-tunes (they refuse them with MergeInputError).
+MIN_TASKS = {"model_stock": 2}
+
 
 @SETTINGS
 @given(
@@ -67,6 +70,8 @@ def test_alpha_zero_gives_base_exactly(spec: Any, tasks: int, seed: int, dtype: 
     base64, fts64 = make_models(np.random.default_rng(seed), tasks, spec)
     base, fts = convert(base64, "numpy", dtype), [convert(f, "numpy", dtype) for f in fts64]
     for method in METHODS:
+        if tasks < MIN_TASKS.get(method, 1):
+            continue
         for compute in COMPUTE:
             got = merge(base, fts, method, alpha=0.0, compute_dtype=compute, seed=seed)
             assert equal_models(got, base), (method, compute)
@@ -82,6 +87,8 @@ def test_alpha_zero_gives_base_exactly_bfloat16_torch(spec: Any, tasks: int, see
         [convert(f, "torch", "bfloat16") for f in fts64],
     )
     for method in METHODS:
+        if tasks < MIN_TASKS.get(method, 1):
+            continue
         got = merge(base, fts, method, alpha=0.0, seed=seed)
         assert equal_models(got, base), method
 

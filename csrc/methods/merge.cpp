@@ -16,6 +16,8 @@
 #include "../core/route_log.hpp"
 #include "../linalg/backend.hpp"
 #include "chunk_kernels.hpp"
+#include "della.hpp"
+#include "sce.hpp"
 #include "elementwise.hpp"
 #include "interpolation.hpp"
 #include "matrix_methods.hpp"
@@ -165,6 +167,61 @@ void model_stock_dispatch(const MergeOptions& opt, const MergeItem& item, TaskVe
   model_stock_update(tv.ptrs, tv.n, row_len, m, opt.threads);
 }
 
+// A per-task option: its value for task t; one value is every task's, none is `fallback`.
+std::vector<double> task_values(const std::vector<double>& values, size_t tasks, double fallback,
+                                const char* method, const char* what) {
+  if (values.empty()) return std::vector<double>(tasks, fallback);
+  if (values.size() == 1) return std::vector<double>(tasks, values[0]);
+  ISOFAST_CHECK(values.size() == tasks, method, ": ", values.size(), " ", what, " for ", tasks,
+                " tasks");
+  return values;
+}
+
+template <class T>
+void nuslerp_dispatch(const MergeOptions& opt, const MergeItem& item, TaskVectors<T>& tv, T* m) {
+  const NuslerpOptions& o = opt.nuslerp;
+  const size_t tasks = tv.ptrs.size();
+  const std::vector<double> w = task_values(o.weights, tasks, 1.0, "nuslerp", "weights");
+  const std::vector<int64_t>& shape = item.base.shape;
+  size_t len = tv.n;
+  bool strided = false;
+  if (!o.flatten && !shape.empty()) {
+    strided = o.row_wise;
+    len = static_cast<size_t>(o.row_wise ? shape.front() : shape.back());
+  }
+  // mergekit's pair (T = 2); more tasks fold in one at a time, the running result weighted
+  // by the sum of the weights so far (a running spherical mean); one task: D_0.
+  std::copy(tv.ptrs[0], tv.ptrs[0] + tv.n, m);
+  double seen = w[0];
+  for (size_t k = 1; k < tasks; ++k) {
+    const double total = seen + w[k];
+    const double t = std::fabs(total) < 1e-6 ? 0.5 : w[k] / total;
+    ISOFAST_CHECK(std::isfinite(t), "tensor '", item.name, "': nuslerp weights must be finite");
+    nuslerp_update(m, tv.ptrs[k], tv.n, len, strided, t, o.eps, m, opt.threads);
+    seen = total;
+  }
+}
+
+template <class T>
+void multislerp_dispatch(const MergeOptions& opt, const MergeItem& item, TaskVectors<T>& tv,
+                         T* m) {
+  const MultislerpOptions& o = opt.multislerp;
+  const std::vector<double> w =
+      task_values(o.weights, tv.ptrs.size(), 1.0, "multislerp", "weights");
+  for (double v : w)
+    ISOFAST_CHECK(std::isfinite(v), "tensor '", item.name, "': multislerp weights must be finite");
+  multislerp_update(tv.ptrs, tv.n, w, o.normalize_weights, o.eps, m, opt.threads);
+}
+
+template <class T>
+void karcher_dispatch(const MergeOptions& opt, const MergeItem& item, TaskVectors<T>& tv, T* m) {
+  const KarcherOptions& o = opt.karcher;
+  ISOFAST_CHECK(o.max_iter >= 0 && std::isfinite(o.tol) && o.tol >= 0, "tensor '", item.name,
+                "': karcher needs max_iter >= 0 and a finite tol >= 0");
+  const std::vector<T> base = load_base<T>(opt, item);
+  karcher_update(base.data(), tv.ptrs, tv.n, o.max_iter, o.tol, m, opt.threads);
+}
+
 template <class T>
 TiesSpec ties_spec(const MergeOptions& opt, const TaskVectors<T>& tv) {
   TiesSpec spec;
@@ -197,11 +254,21 @@ void gta_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T>& 
   const GtaOptions& g = opt.gta;
   const size_t tasks = tv.ptrs.size();
   std::vector<double> weights(tasks);
+  // DELLA's rows: along the second axis (a 1-D tensor: one row), as mergekit ranks them.
+  const std::vector<int64_t>& shape = item.base.shape;
+  const size_t row_len = shape.size() >= 2 ? static_cast<size_t>(shape[1]) : tv.n;
+  const size_t row_stride =
+      shape.size() >= 2 && row_len > 0 ? tv.n / (static_cast<size_t>(shape[0]) * row_len) : 1;
   for (size_t t = 0; t < tasks; ++t) {
-    gta_sparsify(tv.ptrs[t], tv.n, static_cast<int>(g.sparsify),
-                 per_task(g.densities, t, tasks, 1.0, "densities"),
-                 per_task(g.gammas, t, tasks, 0.0, "gammas"), g.rescale,
-                 dare_key(opt.dare.seed, item.name, t), opt.threads);
+    const double density = per_task(g.densities, t, tasks, 1.0, "densities");
+    if (g.sparsify == Sparsify::DellaMagprune)
+      della_magprune(tv.ptrs[t], tv.n, row_len, row_stride, density,
+                     per_task(g.epsilons, t, tasks, 0.15, "epsilons"), g.rescale,
+                     dare_key(opt.dare.seed, item.name, t), opt.threads);
+    else
+      gta_sparsify(tv.ptrs[t], tv.n, static_cast<int>(g.sparsify), density,
+                   per_task(g.gammas, t, tasks, 0.0, "gammas"), g.rescale,
+                   dare_key(opt.dare.seed, item.name, t), opt.threads);
     weights[t] = per_task(g.weights, t, tasks, 1.0, "weights");
     const T w = static_cast<T>(weights[t]);
     if (w != T(1)) {
@@ -241,6 +308,16 @@ void merged_update(const MergeOptions& opt, const MergeItem& item, TaskVectors<T
       return slerp_dispatch(opt, item, tv, m);
     case Kernel::ModelStock:
       return model_stock_dispatch(opt, item, tv, m);
+    case Kernel::Nuslerp:
+      return nuslerp_dispatch(opt, item, tv, m);
+    case Kernel::Multislerp:
+      return multislerp_dispatch(opt, item, tv, m);
+    case Kernel::Karcher:
+      return karcher_dispatch(opt, item, tv, m);
+    case Kernel::Sce:
+      ISOFAST_CHECK(std::isfinite(opt.sce.select_topk), "tensor '", item.name,
+                    "': sce select_topk must be finite");
+      return sce_update(tv.ptrs, tv.n, opt.sce.select_topk, m, opt.threads);
     case Kernel::TsvM:
     case Kernel::IsoC:
     case Kernel::IsoCts:

@@ -12,7 +12,8 @@ namespace isofast {
 
 // The merge kernels; the Python method registry maps every method onto one of them (checked
 // at import time).
-enum class Kernel { Mean, Sum, Ties, Consensus, Gta, TsvM, IsoC, IsoCts, Slerp, ModelStock };
+enum class Kernel { Mean, Sum, Ties, Consensus, Gta, TsvM, IsoC, IsoCts, Slerp, ModelStock,
+                    Nuslerp, Multislerp, Karcher, Sce };
 inline const char* kernel_name(Kernel k) {
   switch (k) {
     case Kernel::Mean: return "mean";
@@ -25,6 +26,10 @@ inline const char* kernel_name(Kernel k) {
     case Kernel::IsoCts: return "iso_cts";
     case Kernel::Slerp: return "slerp";
     case Kernel::ModelStock: return "model_stock";
+    case Kernel::Nuslerp: return "nuslerp";
+    case Kernel::Multislerp: return "multislerp";
+    case Kernel::Karcher: return "karcher";
+    case Kernel::Sce: return "sce";
   }
   return "?";
 }
@@ -55,7 +60,7 @@ struct ConsensusOptions {
 // mergekit's "generalized task arithmetic" family (task_arithmetic, ties, dare_*, breadcrumbs*):
 // per task sparsify (+ L1 rescale) and weight; then the sum, optionally masked by the elected
 // sign, optionally divided by the sum of the weights of the kept entries (docs/MERGEKIT.md).
-enum class Sparsify { None, Magnitude, Random, MagnitudeOutliers };
+enum class Sparsify { None, Magnitude, Random, MagnitudeOutliers, DellaMagprune };
 enum class Elect { None, Sum, Count };
 struct GtaOptions {
   Sparsify sparsify = Sparsify::None;
@@ -64,6 +69,7 @@ struct GtaOptions {
   std::vector<double> weights;
   std::vector<double> densities;
   std::vector<double> gammas;  // MagnitudeOutliers: the share of largest entries dropped
+  std::vector<double> epsilons;  // DellaMagprune: keep probabilities density +- epsilon
   bool rescale = false;           // match each sparsified task vector's L1 norm to the original
   bool normalize = false;         // divide by the sum of the weights of the kept entries
   double lambda = 1.0;            // scale of the merged update (mergekit's `lambda`)
@@ -81,6 +87,34 @@ struct ModelStockOptions {
   bool filter_wise = false;
 };
 
+// mergekit's nuslerp of two task vectors at t = w_1 / (w_0 + w_1) (0.5 where
+// |w_0 + w_1| < 1e-6): over the whole tensor (flatten), its rows of the last axis, or
+// (row_wise) its vectors along the first axis. More tasks fold in one at a time.
+struct NuslerpOptions {
+  std::vector<double> weights;  // per task; one value: every task's; empty: 1, 1
+  bool row_wise = false;
+  bool flatten = true;
+  double eps = 1e-8;
+};
+
+// mergekit's multislerp of the task vectors with per-task weights.
+struct MultislerpOptions {
+  std::vector<double> weights;  // per task; one value: every task's; empty: 1, 1, ...
+  bool normalize_weights = true;
+  double eps = 1e-8;
+};
+
+// mergekit's karcher: the Karcher mean of the base and the fine-tuned weights.
+struct KarcherOptions {
+  int max_iter = 10;
+  double tol = 1e-5;
+};
+
+// mergekit's sce: variance-based selection, mean-square weights, sign-elected weighted mean.
+struct SceOptions {
+  double select_topk = 1.0;
+};
+
 struct MergeOptions {
   Kernel kernel = Kernel::Mean;
   double alpha = 1.0;
@@ -93,6 +127,10 @@ struct MergeOptions {
   GtaOptions gta;
   SlerpOptions slerp;
   ModelStockOptions model_stock;
+  NuslerpOptions nuslerp;
+  MultislerpOptions multislerp;
+  KarcherOptions karcher;
+  SceOptions sce;
   MatrixOptions matrix;
   // Inputs are read-only file mappings whose pages may be dropped once converted.
   bool release_inputs = false;
