@@ -11,18 +11,49 @@ that of the core, mapped back by Q_l on the left and Q_r on the right
 Everything here is float64 (the cores are small); the rank cut is the caller's tolerance,
 relative to sigma_max as docs/CONTRACT.md "Rank tolerance" says. A result is a `Factors`
 pair (left m x k, right k x n) with M = left @ right.
+
+numpy's BLAS runs on one thread here (`one_blas_thread`): the matrices are small, and
+OpenBLAS's threads wait for each other by spinning between the many small calls that a QR or
+an SVD makes, so on a machine with more busy threads than cores each wait can cost a
+scheduler time slice (a 2-core machine at load 9: 35x slower with numpy's default of 2
+threads; bench/RESULTS.md, "LoRA adapters vs PEFT").
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from isofast.adapters.adapter_set import FactorPair
 from isofast.methods import IsoCtsParams
+
+_controller: Any = None  # threadpoolctl.ThreadpoolController, made on first use; False: none
+
+
+@contextlib.contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS (and any other BLAS loaded) limited to one thread inside, restored after.
+
+    Needs threadpoolctl; without it, numpy's own setting applies (OPENBLAS_NUM_THREADS, which
+    the isofast command line sets to 1 before numpy loads)."""
+    global _controller
+    if _controller is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _controller = ThreadpoolController()
+        except ImportError:  # optional: pip install threadpoolctl
+            _controller = False
+    if _controller is False:
+        yield
+        return
+    with _controller.limit(limits=1, user_api="blas"):
+        yield
 
 
 @dataclass(frozen=True)
@@ -177,13 +208,14 @@ def truncate(factors: Factors, max_rank: int | None, tol: float) -> tuple[Factor
     above tol * sigma_max is kept (exact up to the cut)."""
     if factors.rank == 0:
         return factors, 0.0
-    q_left, k_left = np.linalg.qr(factors.left)
-    q_right, k_right = np.linalg.qr(factors.right.T)
-    u, s, v = _svd(k_left @ k_right.T)
-    keep = _above(s, tol * (s[0] if s.size else 0.0), max_rank)
-    energy = float(np.sum(s**2))
-    error = float(np.sqrt(np.sum(s[keep:] ** 2) / energy)) if energy > 0 else 0.0
-    return _balanced(q_left @ u[:, :keep], s[:keep], q_right @ v[:, :keep]), error
+    with one_blas_thread():
+        q_left, k_left = np.linalg.qr(factors.left)
+        q_right, k_right = np.linalg.qr(factors.right.T)
+        u, s, v = _svd(k_left @ k_right.T)
+        keep = _above(s, tol * (s[0] if s.size else 0.0), max_rank)
+        energy = float(np.sum(s**2))
+        error = float(np.sqrt(np.sum(s[keep:] ** 2) / energy)) if energy > 0 else 0.0
+        return _balanced(q_left @ u[:, :keep], s[:keep], q_right @ v[:, :keep]), error
 
 
 def dense_factors(update: np.ndarray, max_rank: int | None, tol: float) -> tuple[Factors, float]:

@@ -7,7 +7,15 @@ from __future__ import annotations
 import numpy as np
 
 from isofast.adapters.dense import DenseMerge
-from isofast.adapters.factored import Factors, concatenate, iso_c, iso_cts, task_space, tsv_m
+from isofast.adapters.factored import (
+    Factors,
+    concatenate,
+    iso_c,
+    iso_cts,
+    one_blas_thread,
+    task_space,
+    tsv_m,
+)
 from isofast.adapters.plan import AdapterPlan, ModulePlan
 from isofast.methods import IsoCtsParams
 
@@ -33,11 +41,12 @@ class Merger:
         if m.treatment != "factored":
             task_sum = self.plan.spec.name == "task_arithmetic"
             return concatenate(parts, 1.0 if task_sum else 1.0 / self.plan.tasks)
-        space = task_space(parts)
         name, tol = self.plan.spec.name, self.plan.tol
-        if name == "iso_c":
-            return iso_c(space, tol)
-        if name == "iso_cts":
-            assert isinstance(self.plan.params, IsoCtsParams)
-            return iso_cts(space, self.plan.tasks, self.plan.params, tol)
-        return tsv_m(space, self.plan.tasks, m.module.shape, tol)
+        with one_blas_thread():  # small matrices: see isofast/adapters/factored.py
+            space = task_space(parts)
+            if name == "iso_c":
+                return iso_c(space, tol)
+            if name == "iso_cts":
+                assert isinstance(self.plan.params, IsoCtsParams)
+                return iso_cts(space, self.plan.tasks, self.plan.params, tol)
+            return tsv_m(space, self.plan.tasks, m.module.shape, tol)
