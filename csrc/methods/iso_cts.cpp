@@ -120,7 +120,7 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, T 
         // right vectors: Z w / sigma
         Matrix<T> v = vectors_f64<T>(be, be, z.ptr(), n, q, z.ld(), false,
                                      t.vectors.columns(0, keep), sig64);
-        task_w.push_back(rounded(be, t.vectors).columns(0, keep));
+        task_w.push_back(rounded(be, t.vectors.columns(0, keep)));
         dirs.add(std::vector<T>(sig.begin(), sig.begin() + keep), Matrix<T>(), v);
       }
       // polar([U_k, U_perp W]) = [U_k, U_perp polar(W)] because U_perp is orthogonal to U_k.
@@ -172,7 +172,7 @@ void iso_cts_gram(Backend<T>& be, const MatrixProblem<T>& p, double fraction, T 
         Matrix<T> u = precise ? vectors_f64<T>(be64, be, residual64.ptr(), n, m, n, true, w, sig64)
                               : vectors_f64<T>(be, be, residual.ptr(), n, m, n, true, w, sig64);
         dirs.add(std::vector<T>(sig.begin(), sig.begin() + keep), u,
-                 rounded(be, t.vectors).columns(0, keep));
+                 rounded(be, t.vectors.columns(0, keep)));
       }
     }
   }

@@ -42,7 +42,7 @@ void tsv_m_gram(Backend<T>& be, const MatrixProblem<T>& p, int d, T cut_factor, 
     const std::vector<T> sig = rounded<T>(t.sigma, t.count());
     const int keep = count_above(sig, d, (sig.empty() ? T(0) : sig[0]) * cut_factor);
     std::vector<T> kept(sig.begin(), sig.begin() + keep);
-    Matrix<T> known = rounded(be, t.vectors).columns(0, keep);
+    Matrix<T> known = rounded(be, t.vectors.columns(0, keep));
     // wide: u known, v = D^T u / s = X u / s; tall: v known, u = D v / s = X^T v / s.
     Matrix<T> other = be.matrix(wide ? n : m, keep);
     be.gemm(!wide, false, other.rows(), keep, wide ? m : n, T(1), x, n, known.ptr(), known.ld(),
