@@ -15,6 +15,7 @@ from isofast.memory_guard import check_memory
 from isofast.models import ModelSet
 from isofast.pipeline import Progress, merge_in_memory, merge_to_folder
 from isofast.planner import MergePlan, make_plan
+from isofast.ray_executor import merge_on_ray
 from isofast.request import MergeRequest
 
 Source = str | os.PathLike[str] | Mapping[str, Any]
@@ -75,8 +76,10 @@ def merge(
     Settings (defaults): compute_dtype ("float32" or "float64"), out_dtype (None: each tensor
     keeps its dtype), exclude (("text_projection",): names kept out of matrix methods), seed
     (0), threads (None: every core), device ("cpu"; for state dicts on a GPU, their device),
-    allow_pickle (False), max_shard_bytes ("5GiB"). Any other keyword is a parameter of the
-    method: see `isofast.methods()`.
+    allow_pickle (False), max_shard_bytes ("5GiB"), executor ("local"; "ray": output
+    shards written by Ray tasks, the same bytes, see isofast.ray_executor) and ray_address
+    (None: a local Ray instance; "auto" or HOST:PORT: that cluster). Any other keyword is a
+    parameter of the method: see `isofast.methods()`.
 
     `device="cuda"` (or "cuda:N") merges the 2-D keys of Iso-C, Iso-CTS and TSV-M on that GPU
     with the same method code as the CPU; everything else runs on the CPU. torch CUDA tensors
@@ -124,11 +127,14 @@ def run(
             "resume reuses the shards of an interrupted merge into a folder: it needs out= "
             "and models given as checkpoint paths"
         )
+    if request.executor == "ray" and out is None:
+        raise MergeInputError("executor: ray writes its result into a folder: give out=")
     with ModelSet(request) as models:
         merge_plan = make_plan(request, models)
         check_memory(merge_plan, into_memory=out is None, force=force)
         if out is not None:
-            return merge_to_folder(
+            write = merge_on_ray if request.executor == "ray" else merge_to_folder
+            return write(
                 merge_plan, models, out, overwrite=overwrite, progress=progress, resume=resume
             )
         return merge_in_memory(merge_plan, models, _result_kind(merge_plan))

@@ -173,6 +173,8 @@ _FLAG_OPTIONS: dict[str, dict[str, Any]] = {
     "seed": {"type": int},
     "threads": {"type": int},
     "allow_pickle": {"action": "store_true", "default": None},
+    "executor": {"choices": ["local", "ray"]},
+    "ray_address": {"metavar": "auto|HOST:PORT"},
 }
 
 

@@ -9,13 +9,14 @@ them to disk without copying.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,13 +27,15 @@ from isofast import __version__, arrays
 from isofast._native import core
 from isofast.io import CheckpointWriter
 from isofast.io.dtypes import safetensors_name
+from isofast.io.journal import ShardRecord
+from isofast.io.shards import PlannedShard, PlannedShardWriter
 from isofast.kernels import configure_tensor, kernel_options
 from isofast.model_card import model_card
 from isofast.models import ModelSet
 from isofast.output_ring import OutputRing, RingToken
-from isofast.planner import Batch, MergePlan
+from isofast.planner import Batch, MergePlan, TensorPlan
 from isofast.progress import ProgressBar
-from isofast.ties_global import global_ties_options
+from isofast.ties_global import TiesTotals, global_ties_options
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,8 @@ Progress = Callable[[str, int], None]  # (tensor name, bytes read for it)
 Outputs = tuple[list[Any], list[RingToken]]
 
 
-def core_options(plan: MergePlan, models: ModelSet) -> core.MergeOptions:
-    """The kernel's options, completed by the whole-model passes a method needs (global TIES
-    thresholds and majority sign, from one streamed pass over the inputs each)."""
+def plain_options(plan: MergePlan, models: ModelSet) -> core.MergeOptions:
+    """The kernel's options, without the whole-model statistics."""
     options = kernel_options(plan.spec, plan.params, plan.request, plan.threads, plan.request.alpha)
     core.take_route_counts()  # start counting afresh for this merge
     # Pages of mapped inputs may be dropped once converted; never those of arrays that may live
@@ -54,7 +56,19 @@ def core_options(plan: MergePlan, models: ModelSet) -> core.MergeOptions:
     options.release_inputs = models.from_files
     if models.from_files:
         log.debug("input pages are dropped from memory once the core has read them")
-    if plan.uses_global_ties:
+    return options
+
+
+def core_options(
+    plan: MergePlan, models: ModelSet, ties: TiesTotals | None = None
+) -> core.MergeOptions:
+    """The kernel's options, completed by the whole-model passes a method needs (global TIES
+    thresholds and majority sign: `ties` when another process found them, else one streamed
+    pass over the inputs each, here)."""
+    options = plain_options(plan, models)
+    if not plan.uses_global_ties:
+        return options
+    if ties is None:
         floats = [t for t in plan.tensors if not t.copy]
         with models.naming_files():
             options = global_ties_options(
@@ -64,11 +78,13 @@ def core_options(plan: MergePlan, models: ModelSet) -> core.MergeOptions:
                 getattr(plan.params, "density", 1.0),
                 options,
             )
-        log.info(
-            "global TIES: thresholds %s, majority sign %+d",
-            ", ".join(f"{x:.3g}" for x in options.ties.thresholds),
-            options.ties.majority_sign,
-        )
+    else:
+        options = ties.apply(options)
+    log.info(
+        "global TIES: thresholds %s, majority sign %+d",
+        ", ".join(f"{x:.3g}" for x in options.ties.thresholds),
+        options.ties.majority_sign,
+    )
     return options
 
 
@@ -145,14 +161,34 @@ def merge_to_folder(
     """Stream the merge into `out_dir` (sharded safetensors, index, side files of the base,
     model card and, for checkpoints on disk, the config that reproduces it). Nothing appears
     under `out_dir` unless the whole merge succeeds."""
-    request = plan.request
     options = core_options(plan, models)
-    metadata = {"isofast_method": plan.spec.name, "isofast_alpha": repr(request.alpha)}
+    with output_writer(plan, models, out_dir, overwrite, progress, resume) as (writer, collect):
+        shards = writer.pending(writer.plan_shards(shard_entries(write_order(plan))))
+        for record in write_shards(plan, models, options, shards, writer.tmp_dir):
+            collect(record)
+        log_routes()
+    return Path(os.path.abspath(out_dir))
+
+
+@contextlib.contextmanager
+def output_writer(
+    plan: MergePlan,
+    models: ModelSet,
+    out_dir: str | os.PathLike[str],
+    overwrite: bool,
+    progress: bool | Progress,
+    resume: bool,
+) -> Iterator[tuple[CheckpointWriter, Callable[[ShardRecord], None]]]:
+    """The writer of a merge into a folder (taking over an interrupted one's shards with
+    `resume`) and the function that takes in each shard written into its temporary folder
+    (journal, progress); once every shard is in, the side outputs are written and the folder
+    is published. Every executor writes through this."""
+    metadata = {"isofast_method": plan.spec.name, "isofast_alpha": repr(plan.request.alpha)}
     with (
         ProgressBar(plan.input_bytes, len(plan.tensors), disable=progress is not True) as bar,
         CheckpointWriter(
             out_dir,
-            request.max_shard_bytes,
+            plan.request.max_shard_bytes,
             metadata,
             overwrite=overwrite,
             fingerprint=resume_key(plan, models),
@@ -160,34 +196,82 @@ def merge_to_folder(
         ) as writer,
     ):
 
-        def report(name: str) -> None:
-            bar.update(name, models.nbytes[name])
-            if callable(progress):
-                progress(name, models.nbytes[name])
+        def report(names: Iterable[str]) -> None:
+            for name in names:
+                bar.update(name, models.nbytes[name])
+                if callable(progress):
+                    progress(name, models.nbytes[name])
 
-        done = writer.resumed_names
-        order = [t for b in plan.batches for t in b.tensors if t.name not in done]
-        phases = writer.page_phases(t.out_bytes for t in order)
-        page_phase = {t.name: phase for t, phase in zip(order, phases, strict=True)}
-        for name in (t.name for t in plan.tensors if t.name in done):  # resumed: already written
-            report(name)
-        stream = _stream(plan, models, options, page_phase, writer.wait_written, done)
-        for name, out, dtype in stream:
-            writer.add(name, arrays.storage_bits(out), safetensors_name(dtype))
-            report(name)
-        log_routes()
-        for name, text in models.edited_side_files().items():  # before the base's: they win
-            writer.write_text(name, text)
-        if models.side_file_folder is not None:
-            writer.copy_side_files(models.side_file_folder)
-        writer.write_text("README.md", model_card(request, plan.params))
-        if request.on_disk:
-            writer.write_text(CONFIG_NAME, yaml.safe_dump(request.to_config(), sort_keys=False))
-        else:
-            log.info(
-                "in-memory models: no %s is written (it could not reproduce them)", CONFIG_NAME
-            )
-    return Path(os.path.abspath(out_dir))
+        def collect(record: ShardRecord) -> None:
+            writer.add_shard(record)
+            report(e[0] for e in record.entries)
+
+        report(t.name for t in plan.tensors if t.name in writer.resumed_names)
+        yield writer, collect
+        write_side_outputs(writer, plan, models)
+
+
+def write_order(plan: MergePlan) -> list[TensorPlan]:
+    """The tensors in the order they are written: the batches'."""
+    return [t for b in plan.batches for t in b.tensors]
+
+
+def write_shards(
+    plan: MergePlan,
+    models: ModelSet,
+    options: core.MergeOptions,
+    shards: Sequence[PlannedShard],
+    folder: str | os.PathLike[str],
+    on_tensor: Callable[[str], None] | None = None,
+) -> Iterator[ShardRecord]:
+    """Merge the tensors of `shards` and write each shard file into `folder` (the output's
+    temporary folder), in order; yields each shard's journal line once its file is whole, and
+    calls `on_tensor` with each tensor handed to the file. Every executor writes its shards
+    so: the same bytes wherever they are written."""
+    shard_of = {name: shard for shard in shards for name in shard.names}
+    phases = {name: phase for shard in shards for name, phase in shard.page_phases().items()}
+    current: PlannedShardWriter | None = None
+
+    def written() -> None:
+        if current is not None:
+            current.wait_written()
+
+    try:
+        for name, out, dtype in _stream(plan.only(shard_of), models, options, phases, written):
+            if current is not None and current.planned is not shard_of[name]:
+                record, current = current.close(), None
+                yield record
+            if current is None:
+                current = PlannedShardWriter(folder, shard_of[name])
+            current.add(name, arrays.storage_bits(out), safetensors_name(dtype))
+            if on_tensor is not None:
+                on_tensor(name)
+        if current is not None:
+            record, current = current.close(), None
+            yield record
+    finally:
+        if current is not None:  # failed or interrupted: no half-written shard stays
+            current.discard()
+
+
+def write_side_outputs(writer: CheckpointWriter, plan: MergePlan, models: ModelSet) -> None:
+    """Everything of the output but the tensors: the base's side files (config, tokenizer),
+    those the merge edits, the model card and the config that reproduces the merge."""
+    request = plan.request
+    for name, text in models.edited_side_files().items():  # before the base's: they win
+        writer.write_text(name, text)
+    if models.side_file_folder is not None:
+        writer.copy_side_files(models.side_file_folder)
+    writer.write_text("README.md", model_card(request, plan.params))
+    if request.on_disk:
+        writer.write_text(CONFIG_NAME, yaml.safe_dump(request.to_config(), sort_keys=False))
+    else:
+        log.info("in-memory models: no %s is written (it could not reproduce them)", CONFIG_NAME)
+
+
+def shard_entries(tensors: Iterable[TensorPlan]) -> Iterator[tuple[str, str, tuple[int, ...]]]:
+    """What the writer lays shards out from: each tensor's name, safetensors dtype and shape."""
+    return ((t.name, safetensors_name(t.out_dtype), t.shape) for t in tensors)
 
 
 def resume_key(plan: MergePlan, models: ModelSet) -> str | None:
@@ -209,13 +293,10 @@ def _stream(
     options: core.MergeOptions,
     page_phase: dict[str, int],
     written: Callable[[], None],
-    done: frozenset[str] = frozenset(),
 ) -> Iterator[tuple[str, Any, str]]:
-    """Merged tensors in plan order, except those `done` already (a batch holding some of
-    them is merged whole: merges are deterministic). Two batches are queued ahead on the
-    worker, so the merge never waits for the writer to finish a large tensor before starting
-    on small ones."""
-    batches = [b for b in plan.batches if not all(t.name in done for t in b.tensors)]
+    """Merged tensors in plan order. Two batches are queued ahead on the worker, so the merge
+    never waits for the writer to finish a large tensor before starting on small ones."""
+    batches = plan.batches
     # When a wrap wastes the end of the ring, an output gets its own array.
     ring = OutputRing(plan.ring_bytes)
 
@@ -249,5 +330,4 @@ def _stream(
                 pending.append(pool.submit(run, i + 2))
             prefetch(i + 3)  # read-ahead hints (this thread would only wait otherwise)
             for t, out in zip(batch.tensors, outs, strict=True):
-                if t.name not in done:
-                    yield t.name, out, t.out_dtype
+                yield t.name, out, t.out_dtype

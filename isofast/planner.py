@@ -9,11 +9,12 @@ polar stage). bench/bench_memory.py measures peaks against this.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -119,6 +120,17 @@ class MergePlan:
     @property
     def uses_global_ties(self) -> bool:
         return self.spec.uses_global_ties(self.params)
+
+    def only(self, names: Container[str]) -> MergePlan:
+        """This plan with its batches cut down to `names` (the same order): a part of the merge
+        to run on its own. The tensor list stays whole (per-tensor parameters depend on a
+        tensor's place in it)."""
+        batches = []
+        for batch in self.batches:
+            kept = tuple(t for t in batch.tensors if t.name in names)
+            if kept:
+                batches.append(Batch(kept, batch.item_threads))
+        return dataclasses.replace(self, batches=tuple(batches))
 
 
 def default_threads() -> int:

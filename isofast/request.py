@@ -87,7 +87,24 @@ SETTINGS: tuple[Setting, ...] = (
         "--device",
         "cpu, or cuda / cuda:N: Iso-C's matrices on the GPU (CUDA build + PyTorch)",
     ),
+    Setting(
+        "executor",
+        "executor",
+        "--executor",
+        "local (this process), or ray: output shards written by Ray tasks (pip install "
+        "'isofast[ray]')",
+    ),
+    Setting(
+        "ray_address",
+        "ray_address",
+        "--ray-address",
+        "Ray cluster to join (auto, or HOST:PORT); without it a local Ray instance is started",
+    ),
 )
+# How a merge is run, not what it gives: left out of the written config (the output is the
+# same bytes either way; an address means nothing on another cluster).
+RUN_ONLY_KEYS = ("executor", "ray_address")
+EXECUTORS = ("local", "ray")
 CONFIG_KEYS: dict[str, str] = {s.key: s.field for s in SETTINGS}
 
 
@@ -123,6 +140,8 @@ class MergeRequest:
     # Layer slices (isofast.slices): the output stacks these layer ranges; each is a
     # (model path, first, end) source. `models` are then the slices' models.
     slices: tuple[Any, ...] = ()
+    executor: str = "local"  # "ray": isofast.ray_executor
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -173,6 +192,7 @@ class MergeRequest:
                 f"allow_pickle must be true or false, got {short(self.allow_pickle)}"
             )
         put("device", parse_device(self.device))
+        self._check_executor()
         if self.slices:
             self._check_slices()
 
@@ -188,6 +208,24 @@ class MergeRequest:
             )
         if list(self.models) != slices.models_of(found):
             raise MergeInputError("models must be the slices' models, in order of appearance")
+
+    def _check_executor(self) -> None:
+        if self.executor not in EXECUTORS:
+            raise MergeInputError(
+                f"executor must be one of {', '.join(EXECUTORS)}, got {short(self.executor)}"
+            )
+        if self.ray_address is not None:
+            if not isinstance(self.ray_address, str) or not self.ray_address.strip():
+                raise MergeInputError(
+                    f"ray_address must be 'auto' or HOST:PORT, got {short(self.ray_address)}"
+                )
+            if self.executor != "ray":
+                raise MergeInputError("ray_address is for executor: ray")
+        if self.executor == "ray" and (self.adapters or not self.on_disk):
+            raise MergeInputError(
+                "executor: ray merges checkpoints on disk (its workers read them): give paths, "
+                "not models in memory, and fine-tuned models, not adapters"
+            )
 
     def _check_output(self) -> None:
         output = self.output if self.output is not None else "adapter" if self.adapters else "model"
@@ -228,7 +266,7 @@ class MergeRequest:
         absolute, so the config means the same from any working directory)."""
         if not self.on_disk:
             raise MergeInputError("a merge of in-memory models cannot be written as a config")
-        values = {s.key: getattr(self, s.field) for s in SETTINGS}
+        values = {s.key: getattr(self, s.field) for s in SETTINGS if s.key not in RUN_ONLY_KEYS}
         values["models"] = list(self.models)
         values["adapters"] = list(self.adapters)
         values["base_model"] = self.base if self.has_base else None

@@ -23,6 +23,7 @@ from isofast.io import (
     copy_side_files,
     shard_name,
 )
+from isofast.io.shards import PlannedShardWriter
 
 safetensors = pytest.importorskip("safetensors")
 from safetensors import safe_open  # noqa: E402
@@ -697,7 +698,7 @@ def test_torch_garbage_file(tmp_path: Path, torch: Any) -> None:
 def test_data_at_the_file_page_phase_is_written_as_is(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Tensors placed in memory at the page phase `page_phases` predicts take the writer's
+    """Tensors placed in memory at the page phase their planned shard gives take the writer's
     zero-copy route (with direct I/O); the file is the same as the buffered writer's, across
     a shard break too."""
     from isofast.output_ring import OutputRing
@@ -711,11 +712,15 @@ def test_data_at_the_file_page_phase_is_written_as_is(
         out = tmp_path / f"direct{direct}"
         ring = OutputRing(sum(sizes) + 16 * 4096)
         with CheckpointWriter(out, max_shard_bytes=3 << 20) as w:
-            phases = w.page_phases(sizes)
-            for i, (d, phase) in enumerate(zip(data, phases, strict=True)):
-                arr, _ = ring.empty(d.shape, "uint8", phase)
-                arr[:] = d
-                w.add(f"t{i}", arr)
+            planned = w.plan_shards((f"t{i}", "U8", d.shape) for i, d in enumerate(data))
+            for shard in planned:
+                part = PlannedShardWriter(w.tmp_dir, shard)
+                for name, phase in shard.page_phases().items():
+                    d = data[int(name[1:])]
+                    arr, _ = ring.empty(d.shape, "uint8", phase)
+                    arr[:] = d
+                    part.add(name, arr, "U8")
+                w.add_shard(part.close())
         shards = sorted(p for p in out.iterdir() if p.suffix == ".safetensors")
         assert len(shards) == 2
         files.append([p.read_bytes() for p in shards])

@@ -4,9 +4,10 @@ midway can be resumed without redoing them.
 A journal line is appended (and fsynced) only after its shard file is complete and fsynced,
 so a line always describes a shard that is whole on disk. Each line records the shard's size,
 a CRC-32C of its header area and of its data, and its tensors. On resume the shards are read
-back and checked against their lines; the longest prefix that checks out is kept and
-everything after it is redone. The first line holds the merge's fingerprint (its settings
-and the identity of its input files): only a merge with the same fingerprint resumes.
+back and checked against their lines; those that check out are kept (shards may finish in any
+order) and every other shard is redone. The first line holds the merge's fingerprint (its
+settings and the identity of its input files): only a merge with the same fingerprint
+resumes.
 """
 
 from __future__ import annotations
@@ -119,15 +120,15 @@ def read_journal(folder: Path) -> tuple[str, list[ShardRecord]] | None:
     return fingerprint, records
 
 
-def verified_prefix(folder: Path, records: list[ShardRecord]) -> list[ShardRecord]:
-    """The records, in order, up to the first whose shard is missing, resized or corrupt."""
+def verified_records(folder: Path, records: list[ShardRecord]) -> list[ShardRecord]:
+    """The records whose shard is whole on disk: present, of its size, of its checksums."""
     good = []
     for record in records:
         path = folder / record.file
         try:
             fd = os.open(path, os.O_RDONLY)
         except OSError:
-            break
+            continue
         try:
             ok = (
                 os.fstat(fd).st_size == record.size
@@ -136,10 +137,10 @@ def verified_prefix(folder: Path, records: list[ShardRecord]) -> list[ShardRecor
             )
         finally:
             os.close(fd)
-        if not ok:
+        if ok:
+            good.append(record)
+        else:
             log.warning("%s: does not match its journal line; it is written again", path)
-            break
-        good.append(record)
     return good
 
 

@@ -6,11 +6,9 @@ Everything is written inside a hidden temporary sibling of `out_dir`
 
 Each tensor's bytes go to the current shard file as it is added (isofast.io.appender: direct
 I/O through a few small staging buffers where the file system allows it, and no copy at all
-for data placed at the page phase `page_phases` gives). A shard file starts with a reserved
-header area (the JSON header may be
-trailed by spaces, which the format allows): at shard close the header is written into it.
-When the header outgrows the reservation, the shard is rewritten once with the header in
-front (a kernel-side copy), and later shards reserve more.
+for data placed at the page phase the shard plan gives). Shard files and their layout:
+isofast.io.shards. `plan_shards` lays the next shards out ahead, so other processes can write
+them (`PlannedShardWriter`) and hand them back with `add_shard`.
 """
 
 from __future__ import annotations
@@ -23,8 +21,7 @@ import logging
 import os
 import secrets
 import shutil
-from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from types import TracebackType
 from typing import Any
@@ -32,24 +29,26 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from isofast.io.appender import Appender, open_appender, pwrite_all
-from isofast.io.dtypes import DTYPE_ITEMSIZE, dtype_str_for_numpy, is_compatible
 from isofast.io.errors import CheckpointError
 from isofast.io.journal import (
     JOURNAL_NAME,
     Journal,
     ShardRecord,
-    crc32c,
-    crc_of_file,
     leftover_folders,
     read_journal,
     remove_folder,
-    verified_prefix,
+    verified_records,
 )
-from isofast.io.safetensors_format import (
-    METADATA_KEY,
-    encode_header,
-    pack_header_length,
+from isofast.io.safetensors_format import METADATA_KEY
+from isofast.io.shards import (
+    PlannedShard,
+    ShardFile,
+    lay_out_shards,
+    next_reserve,
+    partial_name,
+    raw_bytes,
+    shard_full,
+    writing,
 )
 from isofast.io.side_files import SIDE_FILE_PATTERNS, copy_side_files, is_weight_file_name
 
@@ -59,18 +58,13 @@ log = logging.getLogger(__name__)
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-_PAGE = 4096
-_COPY_CHUNK = 64 << 20
+PAGE = 4096
 
 
 def shard_name(index: int, count: int) -> str:
     """Hugging Face shard name, 1-based: model-00001-of-00003.safetensors."""
     width = max(5, len(str(count)))
     return f"model-{index:0{width}d}-of-{count:0{width}d}.safetensors"
-
-
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
 
 
 def _mkdir_unique(parent: Path, prefix: str) -> Path:
@@ -87,32 +81,6 @@ def _mkdir_unique(parent: Path, prefix: str) -> Path:
             continue
         return path
     raise FileExistsError(errno.EEXIST, "cannot create a unique temporary folder", str(parent))
-
-
-_HINTS = {
-    errno.ENOSPC: "the disk is full: free some space or write the output elsewhere",
-    errno.EDQUOT: "the disk quota is exhausted: free some space or write the output elsewhere",
-    errno.EROFS: "the file system is read-only: write the output elsewhere",
-    errno.EACCES: "no permission to write there: write the output elsewhere",
-    errno.EPERM: "no permission to write there: write the output elsewhere",
-    errno.EIO: "the device reported an I/O error",
-}
-
-
-@contextlib.contextmanager
-def _writing(path: Path) -> Iterator[None]:
-    """Turn an OSError while writing `path` into a CheckpointError that names it and says what
-    to do; nothing is published after it (the writer discards its temporary folder)."""
-    try:
-        yield
-    except (CheckpointError, FileExistsError):  # FileExistsError: the output appeared
-        raise
-    except OSError as e:
-        reason = e.strerror or str(e)
-        hint = _HINTS.get(e.errno or 0)
-        raise CheckpointError(
-            f"{e.filename or path}: cannot write: {reason}" + (f" ({hint})" if hint else "")
-        ) from e
 
 
 class _OutputLock:
@@ -174,121 +142,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _copy_range(src: int, src_off: int, dst: int, dst_off: int, count: int) -> None:
-    """Copy bytes between files, in the kernel when it can (copy_file_range)."""
-    copy_file_range = getattr(os, "copy_file_range", None)
-    while count > 0 and copy_file_range is not None:
-        try:
-            n = copy_file_range(src, dst, min(count, _COPY_CHUNK), src_off, dst_off)
-        except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                raise
-            break
-        if n == 0:
-            break
-        src_off, dst_off, count = src_off + n, dst_off + n, count - n
-    while count > 0:
-        chunk = os.pread(src, min(count, _COPY_CHUNK), src_off)
-        if not chunk:
-            raise OSError(errno.EIO, "unexpected end of file while copying shard data")
-        pwrite_all(dst, memoryview(chunk), dst_off)
-        src_off, dst_off, count = src_off + len(chunk), dst_off + len(chunk), count - len(chunk)
-
-
-@dataclass
-class _Entry:
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    begin: int
-    end: int
-
-
-class _Shard:
-    """One shard file being written: [8-byte length][reserved header][data...]."""
-
-    def __init__(self, path: Path, reserve: int) -> None:
-        self.path = path
-        self.reserve = reserve  # header bytes reserved; 8 + reserve is page-aligned
-        self.data_start = 8 + reserve
-        self.entries: list[_Entry] = []
-        self.data_bytes = 0
-        self.header_bytes = 0
-        self.data_crc = 0
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            self.appender: Appender = open_appender(path, self.fd, self.data_start)
-        except BaseException:
-            os.close(self.fd)
-            raise
-
-    def write(self, name: str, dtype: str, shape: tuple[int, ...], data: memoryview) -> None:
-        begin = self.data_bytes
-        self.appender.append(data)
-        self.data_bytes += len(data)
-        self.entries.append(_Entry(name, dtype, shape, begin, self.data_bytes))
-        self.data_crc = crc32c(data, self.data_crc)  # for the journal (resume)
-
-    def close(self, metadata: Mapping[str, str]) -> None:
-        """Write the header, fsync, close. Rewrites the file if the header does not fit."""
-        try:
-            self.appender.finish()
-            # The direct appender pads its last block: cut the file back to the data's end.
-            os.ftruncate(self.fd, self.data_start + self.data_bytes)
-        except BaseException:
-            os.close(self.fd)
-            raise
-        header = encode_header(
-            [(e.name, e.dtype, e.shape, e.begin, e.end) for e in self.entries], metadata
-        )
-        self.header_bytes = len(header)
-        if len(header) <= self.reserve:
-            padded = header + b" " * (self.reserve - len(header))
-            pwrite_all(self.fd, memoryview(pack_header_length(self.reserve) + padded), 0)
-            os.fsync(self.fd)
-            os.close(self.fd)
-            return
-        # Header outgrew the reservation: rewrite with the header in front, padded so the
-        # data section starts 8-byte aligned.
-        size = _round_up(8 + len(header), 8) - 8
-        relayout = self.path.with_name(self.path.name + ".relayout")
-        try:
-            out = os.open(relayout, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-            try:
-                prefix = pack_header_length(size) + header + b" " * (size - len(header))
-                pwrite_all(out, memoryview(prefix), 0)
-                _copy_range(self.fd, self.data_start, out, 8 + size, self.data_bytes)
-                os.fsync(out)
-            finally:
-                os.close(out)
-        finally:
-            os.close(self.fd)
-        os.replace(relayout, self.path)
-        self.data_start = 8 + size
-
-    def record(self, reserve: int) -> ShardRecord:
-        """The journal line of this closed shard."""
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            header_crc = crc_of_file(fd, 0, self.data_start)
-        finally:
-            os.close(fd)
-        return ShardRecord(
-            file=self.path.name,
-            size=self.data_start + self.data_bytes,
-            data_start=self.data_start,
-            header_crc=header_crc,
-            data_crc=self.data_crc,
-            entries=tuple((e.name, e.dtype, e.shape, e.begin, e.end) for e in self.entries),
-            reserve=reserve,
-        )
-
-    def discard(self) -> None:
-        self.appender.discard()
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-
-
 class CheckpointWriter:
     """Write a (possibly sharded) safetensors checkpoint folder, atomically.
 
@@ -336,17 +189,18 @@ class CheckpointWriter:
         self._shard_metadata = {"format": "pt", **meta}
         self._index_metadata: dict[str, Any] = dict(meta)
         self._reserve = self.initial_header_reserve
-        self._current: _Shard | None = None
+        self._current: ShardFile | None = None
         self._done: list[ShardRecord] = []
         self._names: set[str] = set()
         self._total = 0
         self._state = "open"  # open | broken | finalized | aborted
+        self._resumed = False  # shards of an interrupted merge taken over: planned shards only
         self._check_target()
-        with _writing(self.out_dir.parent):
+        with writing(self.out_dir.parent):
             self.out_dir.parent.mkdir(parents=True, exist_ok=True)
             self._lock = _OutputLock(self.out_dir)
         try:
-            with _writing(self.out_dir.parent):
+            with writing(self.out_dir.parent):
                 self.tmp_dir = self._take_over_leftovers(fingerprint if resume else None)
                 journal = Journal(self.tmp_dir, fingerprint, self._done) if fingerprint else None
                 self._journal = journal
@@ -372,7 +226,8 @@ class CheckpointWriter:
             return _mkdir_unique(
                 self.out_dir.parent, f".{self.out_dir.name}.isofast-tmp-{os.getpid()}-"
             )
-        good = verified_prefix(adopted, records)
+        # Shards are written in any order (by several processes): each verified one is kept.
+        good = verified_records(adopted, records)
         keep = {r.file for r in good} | {JOURNAL_NAME}  # the journal is rewritten with `good`
         for path in adopted.iterdir():
             if path.name not in keep:
@@ -380,7 +235,7 @@ class CheckpointWriter:
         self._done = list(good)
         self._names = {e[0] for r in good for e in r.entries}
         self._total = sum(r.data_bytes for r in good)
-        self._reserve = good[-1].reserve if good else self._reserve
+        self._resumed = True
         log.info(
             "%s: resuming an interrupted merge: %d shards (%.1f MiB) already written",
             self.out_dir,
@@ -432,41 +287,25 @@ class CheckpointWriter:
         dtype. Non-contiguous or big-endian arrays are copied once.
         """
         self._require_open()
+        if self._resumed:
+            raise RuntimeError(f"{self.out_dir}: a resumed output takes planned shards only")
         where = f"{self.out_dir}: tensor {name!r}"
         if not isinstance(name, str) or not name or name == METADATA_KEY:
             raise CheckpointError(f"{where}: not a valid tensor name")
         if name in self._names:
             raise CheckpointError(f"{where}: added twice")
-        arr = np.asarray(array)
-        if dtype_str is None:
-            dtype_str = dtype_str_for_numpy(arr.dtype)
-            if dtype_str is None:
-                raise CheckpointError(
-                    f"{where}: no safetensors dtype for numpy {arr.dtype}; pass dtype_str"
-                )
-        elif dtype_str not in DTYPE_ITEMSIZE:
-            known = ", ".join(sorted(DTYPE_ITEMSIZE))
-            raise CheckpointError(f"{where}: unknown dtype {dtype_str!r} (known: {known})")
-        if not is_compatible(arr.dtype, dtype_str):
-            raise CheckpointError(
-                f"{where}: numpy {arr.dtype} data cannot be written as {dtype_str} without a "
-                "conversion; convert it first"
-            )
-        shape = tuple(int(d) for d in arr.shape)
-        little = arr.dtype.newbyteorder("<")
-        if arr.dtype != little:
-            arr = arr.astype(little)
-        raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        raw, dtype_str = raw_bytes(where, array, dtype_str)
+        shape = tuple(int(d) for d in np.shape(array))
 
-        if self._current is not None and self._shard_full(
-            bool(self._current.entries), self._current.data_bytes, raw.nbytes
+        if self._current is not None and shard_full(
+            bool(self._current.entries), self._current.data_bytes, raw.nbytes, self.max_shard_bytes
         ):
             self._close_current()
         try:
             if self._current is None:
                 self._open_shard()
             assert self._current is not None
-            with _writing(self._current.path):
+            with writing(self._current.path):
                 self._current.write(name, dtype_str, shape, raw.data)
         except BaseException:
             self._state = "broken"
@@ -480,52 +319,75 @@ class CheckpointWriter:
         if self._current is None:
             return
         try:
-            with _writing(self._current.path):
+            with writing(self._current.path):
                 self._current.appender.drain()
         except BaseException:
             self._state = "broken"
             raise
 
-    def page_phases(self, sizes: Iterable[int]) -> list[int]:
-        """Where in a page (file offset % 4096) each of the next tensors will start, if
-        tensors of these byte sizes are added next, in this order. Data handed to `add` at
-        the same phase in memory is written without being copied (with direct I/O)."""
-        data_bytes = self._current.data_bytes if self._current is not None else 0
-        has_entries = self._current is not None and bool(self._current.entries)
-        data_start = 8 + self._reserve  # later shards start page-aligned as well
-        phases = []
-        for size in sizes:
-            if self._shard_full(has_entries, data_bytes, size):
-                data_bytes, has_entries = 0, False
-            phases.append((data_start + data_bytes) % _PAGE)
-            data_bytes += size
-            has_entries = True
-        return phases
+    def plan_shards(
+        self, tensors: Iterable[tuple[str, str, tuple[int, ...]]]
+    ) -> list[PlannedShard]:
+        """The shards of an output of these tensors (name, safetensors dtype, shape), in this
+        order: where each lands, known before any data exists. Written by `PlannedShardWriter`
+        (in this process or another) and handed back with `add_shard`, they are the files
+        `add` would have written."""
+        if self._current is not None or (self._done and not self._resumed):
+            raise RuntimeError(f"{self.out_dir}: shards are planned before any tensor is added")
+        return lay_out_shards(
+            iter(tensors), self.max_shard_bytes, self._shard_metadata, 1, self._reserve
+        )
 
-    def _shard_full(self, has_entries: bool, data_bytes: int, size: int) -> bool:
-        """Whether a tensor of `size` bytes starts a new shard (a shard holds at least one)."""
-        return has_entries and data_bytes + size > self.max_shard_bytes
+    def pending(self, planned: Sequence[PlannedShard]) -> list[PlannedShard]:
+        """The planned shards still to write: all but those an interrupted merge finished
+        (a finished shard that is not one of them is dropped, and written again)."""
+        wanted = {(s.file, s.entries) for s in planned}
+        kept = [r for r in self._done if (r.file, r.entries) in wanted]
+        if len(kept) < len(self._done):
+            log.warning("%s: finished shards that do not match this merge are redone", self.out_dir)
+            self._done = kept
+            self._names = {e[0] for r in kept for e in r.entries}
+            self._total = sum(r.data_bytes for r in kept)
+        done = {r.file for r in kept}
+        return [s for s in planned if s.file not in done]
+
+    def add_shard(self, record: ShardRecord) -> None:
+        """Take in a shard that another process wrote into `tmp_dir` from a planned shard
+        (its journal line, as `PlannedShardWriter.close` returned it)."""
+        self._require_open()
+        names = [e[0] for e in record.entries]
+        if self._names.intersection(names) or any(r.file == record.file for r in self._done):
+            raise CheckpointError(f"{self.out_dir}: shard {record.file} added twice")
+        try:
+            with writing(self.tmp_dir / record.file):
+                if self._journal is not None:
+                    self._journal.record(record)
+        except BaseException:
+            self._state = "broken"
+            raise
+        self._done.append(record)
+        self._names.update(names)
+        self._total += record.data_bytes
 
     def _open_shard(self) -> None:
-        path = self.tmp_dir / f"shard-{len(self._done) + 1:05d}.partial"
-        with _writing(path):
-            self._current = _Shard(path, self._reserve)
+        path = self.tmp_dir / partial_name(len(self._done) + 1)
+        with writing(path):
+            self._current = ShardFile(path, self._reserve)
 
     def _close_current(self) -> None:
         shard, self._current = self._current, None
         if shard is None:
             return
         try:
-            with _writing(shard.path):
+            with writing(shard.path):
                 shard.close(self._shard_metadata)
         except BaseException:
             self._state = "broken"
             raise
         # Next shards reserve twice the largest header seen (rounded to a page).
-        want = _round_up(8 + 2 * shard.header_bytes, _PAGE) - 8
-        self._reserve = max(self._reserve, want)
+        self._reserve = next_reserve(self._reserve, shard.header_bytes)
         try:
-            with _writing(shard.path):
+            with writing(shard.path):
                 record = shard.record(self._reserve)
                 if self._journal is not None:
                     self._journal.record(record)
@@ -540,7 +402,7 @@ class CheckpointWriter:
     ) -> list[str]:
         """Copy config/tokenizer/... files of `src_dir` into the output (see side_files)."""
         self._require_open()
-        with _writing(self.tmp_dir):
+        with writing(self.tmp_dir):
             return copy_side_files(src_dir, self.tmp_dir, patterns)
 
     def write_text(self, relative_name: str, text: str) -> None:
@@ -557,7 +419,7 @@ class CheckpointWriter:
         if is_weight_file_name(rel.name):
             raise ValueError(f"{relative_name!r} would clash with the checkpoint's weight files")
         dest = self.tmp_dir.joinpath(*rel.parts)
-        with _writing(dest):
+        with writing(dest):
             dest.parent.mkdir(parents=True, exist_ok=True)
             with open(dest, "w", encoding="utf-8", newline="") as f:
                 f.write(text)
@@ -572,7 +434,7 @@ class CheckpointWriter:
         """
         self._require_open()
         try:
-            with _writing(self.tmp_dir):
+            with writing(self.tmp_dir):
                 self._finish()
         except BaseException:
             self._state = "broken"
@@ -588,6 +450,7 @@ class CheckpointWriter:
             self._close_current()
         if self._journal is not None:
             self._journal.remove()
+        self._done.sort(key=lambda r: r.file)  # shards written elsewhere come in any order
         count = len(self._done)
         if count == 1:
             os.rename(self.tmp_dir / self._done[0].file, self.tmp_dir / SINGLE_NAME)
