@@ -275,6 +275,7 @@ def format_plan(plan: MergePlan) -> str:
         f"tensors     {len(plan.tensors)}: "
         + ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
         f"batches     {len(plan.batches)} on {plan.threads} threads",
+        f"executor    {r.executor}" + (f" (Ray at {r.ray_address})" if r.ray_address else ""),
         f"input       {mib(plan.input_bytes)} to read",
         f"output      {mib(plan.output_bytes)} to write",
         f"peak memory about {mib(plan.peak_bytes)} (estimate)",

@@ -150,7 +150,11 @@ def _task_resources(ray: Any, request: MergeRequest, shards: int) -> dict[str, f
 def _worker_request(request: MergeRequest, resources: dict[str, float]) -> MergeRequest:
     """The request a task runs: its own share of threads; its GPU is the one Ray gave it
     (visible to it as device 0)."""
-    changes: dict[str, Any] = {"threads": int(resources["num_cpus"]), "executor": "local"}
+    changes: dict[str, Any] = {
+        "threads": int(resources["num_cpus"]),
+        "executor": "local",
+        "ray_address": None,
+    }
     if "num_gpus" in resources:
         changes["device"] = "cuda:0"
     return request.replace(**changes)
@@ -188,7 +192,7 @@ def _global_ties(ray: Any, plan: MergePlan, models: ModelSet) -> TiesTotals:
     model, summed here."""
     floats = [t for t in plan.tensors if not t.copy]
     parts = [[t.name for t in part] for part in split_by_bytes(floats, 2 * _cluster_cpus(ray))]
-    request = plan.request.replace(threads=1)
+    request = plan.request.replace(threads=1, executor="local", ray_address=None)
     histogram_task = ray.remote(part_histogram).options(max_retries=TASK_RETRIES, num_cpus=1)
     vote_task = ray.remote(part_vote).options(max_retries=TASK_RETRIES, num_cpus=1)
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import yaml
 
 import isofast
+from isofast import cli
 from isofast.errors import MergeInputError
 from isofast.io import CheckpointWriter
 from isofast.io.shards import PlannedShardWriter
@@ -68,6 +70,7 @@ def write_models(root: Path, layers: int = 4, hidden: int = 16) -> Path:
             n: x + 0.02 * rng.standard_normal(x.shape).astype(np.float32) for n, x in base.items()
         }
         save(tuned, root / f"ft{t}", 2**30)
+        (root / f"ft{t}" / "config.json").write_text(f'{{"num_hidden_layers": {layers}}}\n')
     return root
 
 
@@ -141,6 +144,29 @@ def test_ray_output_is_bitwise_the_local_output(
     assert folder_bytes(got) == folder_bytes(want)
 
 
+def test_a_passthrough_slice_config_gives_the_local_bytes(
+    ray_instance: Path, models: Path, tmp_path: Path
+) -> None:
+    """A mergekit frankenmerge (layer slices stacked, config.json rewritten)."""
+    config = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": str(models / "ft0"), "layer_range": [0, 3]}]},
+            {"sources": [{"model": str(models / "ft1"), "layer_range": [1, 4]}]},
+        ],
+        "out_shard_size": SHARD_BYTES,
+    }
+    path = tmp_path / "slices.yml"
+    path.write_text(yaml.safe_dump(config))
+    outs = {}
+    for executor in ("local", "ray"):
+        outs[executor] = tmp_path / executor
+        argv = ["merge", str(path), str(outs[executor]), "-q", "--executor", executor]
+        assert cli.main(argv) == 0
+    assert folder_bytes(outs["ray"]) == folder_bytes(outs["local"])
+    assert '"num_hidden_layers": 6' in (outs["ray"] / "config.json").read_text()
+
+
 def test_a_killed_worker_is_retried_and_the_output_is_unchanged(
     ray_instance: Path, models: Path, tmp_path: Path
 ) -> None:
@@ -210,6 +236,20 @@ def test_the_driver_holds_no_tensor_data(ray_instance: Path, tmp_path: Path) -> 
         peaks.append(int(done.stdout.split()[-1]) * 1024)
         sizes.append(sum(p.stat().st_size for p in (root / "out").glob("*.safetensors")))
     assert peaks[1] - peaks[0] < (sizes[1] - sizes[0]) / 4, (peaks, sizes)
+
+
+def test_the_cli_joins_a_cluster_and_writes_the_local_bytes(
+    ray_instance: Path, models: Path, tmp_path: Path
+) -> None:
+    want = merge(models, tmp_path / "local", "ties", "local", density=0.4)
+    argv = [sys.executable, "-m", "isofast.cli", "merge", str(tmp_path / "ray")]
+    argv += ["--base", str(models / "base"), "--method", "ties", "--param", "density=0.4"]
+    argv += [x for t in range(TASKS) for x in ("--model", str(models / f"ft{t}"))]
+    argv += ["--out-shard-size", str(SHARD_BYTES), "--quiet"]
+    argv += ["--executor", "ray", "--ray-address", ray.get_runtime_context().gcs_address]
+    done = subprocess.run(argv, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert folder_bytes(tmp_path / "ray") == folder_bytes(want)
 
 
 def test_ray_refuses_models_in_memory_and_results_in_memory(models: Path) -> None:
