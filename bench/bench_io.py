@@ -49,6 +49,23 @@ def input_files(folders: Sequence[Path]) -> list[Path]:
     return files
 
 
+def add_set_arguments(ap: argparse.ArgumentParser) -> None:
+    """The options of the LLM-shaped set and of the merge run on it."""
+    ap.add_argument("--dir", default="/tmp/isofast-bench", help="data folder (reused)")
+    ap.add_argument("--layers", type=int, default=16, help="LLM layers (default 16)")
+    ap.add_argument("--tasks", type=int, default=4, help="fine-tunes (default 4)")
+    ap.add_argument("--method", default="task_arithmetic")
+
+
+def llm_set(root: Path, layers: int, tasks: int) -> tuple[CheckpointSet, Path, list[Path]]:
+    """The LLM-shaped set (Llama layout, bf16, hidden 2048), written under `root` once."""
+    root.mkdir(parents=True, exist_ok=True)
+    key = "llm-2048-bf16" + ("" if layers == 16 else f"-l{layers}")
+    cs = CheckpointSet(key, "LLM bf16", llama_shapes(layers), "bfloat16", tasks, layers, 512 * MiB)
+    base, models = ensure_set(root, cs, tasks)
+    return cs, base, models
+
+
 def time_cat(files: Sequence[Path]) -> ChildRun:
     """Wall and CPU (user + system) seconds of `cat files > /dev/null`."""
     return run_child(["cat", *map(str, files)], stdout="discard")
@@ -84,21 +101,14 @@ def time_merge(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--dir", default="/tmp/isofast-bench", help="data folder (reused)")
-    ap.add_argument("--layers", type=int, default=16, help="LLM layers (default 16)")
-    ap.add_argument("--tasks", type=int, default=4, help="fine-tunes (default 4)")
-    ap.add_argument("--method", default="task_arithmetic")
+    add_set_arguments(ap)
     ap.add_argument("--threads", type=int, default=None, help="merge threads (default all)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1, help="untimed merges first (default 1)")
     args = ap.parse_args(argv)
     root = Path(args.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    key = "llm-2048-bf16" + ("" if args.layers == 16 else f"-l{args.layers}")
-    cs = CheckpointSet(
-        key, "LLM bf16", llama_shapes(args.layers), "bfloat16", args.tasks, args.layers, 512 * MiB
-    )
-    base, models = ensure_set(root, cs, args.tasks)
+    cs, base, models = llm_set(root, args.layers, args.tasks)
+    key = cs.key
     files = input_files([base, *models])
     total = sum(p.stat().st_size for p in files)
     out = root / f"out-io-{key}"

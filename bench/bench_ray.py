@@ -38,8 +38,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench_io import input_files, time_cat
-from bench_memory import CheckpointSet, ensure_set, llama_shapes
+from bench_io import add_set_arguments, input_files, llm_set, time_cat
+from bench_memory import llama_shapes
 from harness import (
     ChildRun,
     Spread,
@@ -187,10 +187,7 @@ def model_rows(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    ap.add_argument("--dir", default="/tmp/isofast-bench", help="data folder (reused)")
-    ap.add_argument("--layers", type=int, default=16, help="LLM layers (default 16)")
-    ap.add_argument("--tasks", type=int, default=4, help="fine-tunes (default 4)")
-    ap.add_argument("--method", default="task_arithmetic")
+    add_set_arguments(ap)
     ap.add_argument("--shard-size", default="500MB", help="output shard size (one Ray task each)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the joined Ray instance")
@@ -206,12 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     root = Path(args.dir)
-    root.mkdir(parents=True, exist_ok=True)
-    key = "llm-2048-bf16" + ("" if args.layers == 16 else f"-l{args.layers}")
-    cs = CheckpointSet(
-        key, "LLM bf16", llama_shapes(args.layers), "bfloat16", args.tasks, args.layers, 512 * MiB
-    )
-    base, models = ensure_set(root, cs, args.tasks)
+    cs, base, models = llm_set(root, args.layers, args.tasks)
+    key = cs.key
     files = input_files([base, *models])
     gib = sum(p.stat().st_size for p in files) / 2**30
     time_cat(files)

@@ -358,6 +358,12 @@ class CheckpointWriter:
         names = [e[0] for e in record.entries]
         if self._names.intersection(names) or any(r.file == record.file for r in self._done):
             raise CheckpointError(f"{self.out_dir}: shard {record.file} added twice")
+        self._finished(record)
+        self._names.update(names)
+        self._total += record.data_bytes
+
+    def _finished(self, record: ShardRecord) -> None:
+        """A shard file is whole: into the journal (for resume) and the shards to publish."""
         try:
             with writing(self.tmp_dir / record.file):
                 if self._journal is not None:
@@ -366,8 +372,6 @@ class CheckpointWriter:
             self._state = "broken"
             raise
         self._done.append(record)
-        self._names.update(names)
-        self._total += record.data_bytes
 
     def _open_shard(self) -> None:
         path = self.tmp_dir / partial_name(len(self._done) + 1)
@@ -389,12 +393,10 @@ class CheckpointWriter:
         try:
             with writing(shard.path):
                 record = shard.record(self._reserve)
-                if self._journal is not None:
-                    self._journal.record(record)
         except BaseException:
             self._state = "broken"
             raise
-        self._done.append(record)
+        self._finished(record)
 
     # -- side files -------------------------------------------------------------------
     def copy_side_files(
