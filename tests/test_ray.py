@@ -115,29 +115,32 @@ def merge(root: Path, out: Path, method: str, executor: str, **kw: Any) -> Path:
     )
 
 
+# Every method with its defaults, and the variants that take other paths: the whole-model
+# TIES trim (thresholds from the workers' counts), random masks (counter-based: the same
+# anywhere), per-tensor parameters (a gradient over the layers).
 METHODS: list[tuple[str, dict[str, Any]]] = [
-    ("task_arithmetic", {}),
-    ("ties", {"density": 0.3}),  # global trim: whole-model thresholds from the workers' counts
+    *((name, {}) for name in isofast.methods()),
     ("ties", {"density": 0.3, "trim": "tensor"}),
-    ("dare_ties", {"density": 0.5}),  # random: counter-based, the same masks anywhere
-    ("iso_c", {}),
-    ("iso_cts", {"common_space_fraction": 0.5}),
-    ("tsv_m", {}),
-    ("slerp", {"t": [0.2, 0.8]}),  # a gradient over the layers: per-tensor parameters
+    ("dare_ties", {"density": 0.5}),
+    ("gta", {"sparsify": "della_magprune", "density": 0.5, "elect": "sum"}),
+    ("slerp", {"t": [0.2, 0.8]}),
 ]
+# Methods of one fine-tune (or two) besides the base.
+MODELS = {"slerp": 1, "nuslerp": 2}
 
 
 @pytest.mark.parametrize(("method", "params"), METHODS, ids=[f"{m}-{p}" for m, p in METHODS])
 def test_ray_output_is_bitwise_the_local_output(
     ray_instance: Path, models: Path, tmp_path: Path, method: str, params: dict[str, Any]
 ) -> None:
-    if method == "slerp":
-        merge_one = lambda out, ex: isofast.merge(  # noqa: E731
-            models / "base", [models / "ft0"], method, out=out, executor=ex,
+    tuned = [models / f"ft{t}" for t in range(MODELS.get(method, TASKS))]
+
+    def merge_one(out: Path, executor: str) -> Path:
+        return isofast.merge(
+            models / "base", tuned, method, out=out, executor=executor,
             max_shard_bytes=SHARD_BYTES, **params,
         )  # fmt: skip
-    else:
-        merge_one = lambda out, ex: merge(models, out, method, ex, **params)  # noqa: E731
+
     want = merge_one(tmp_path / "local", "local")
     got = merge_one(tmp_path / "ray", "ray")
     assert len(list(want.glob("*.safetensors"))) > 2
