@@ -1,13 +1,13 @@
 """The Ray executor against the local one (issue 14), and a paper model of a large merge.
 
 Part 1 (measured): `isofast merge` of the LLM-shaped set of bench_io.py (Llama layout, bf16,
-hidden 2048, base + 4 fine-tunes) with `--executor local`, with `--executor ray` starting its
-own local Ray instance (what a first-time user runs), and with `--executor ray --ray-address`
-joining a Ray instance the script started once with 2 CPUs (2 worker processes: the executor
-without Ray's start-up). Every side writes the same output shards (`--out-shard-size`, default
-500MB: one Ray task per shard); the script checks that the outputs are the same bytes. Sides
-alternate, each `--repeats` times; wall time, CPU time and the driver's peak RSS (GNU time)
-per run; ratios of medians against the local executor.
+hidden 2048, base + 4 fine-tunes) with `--executor local`, with `--executor ray --ray-address
+local` starting its own Ray instance (what `--executor ray` does on a machine without one),
+and with `--ray-address auto` joining a Ray instance the script started once with 2 CPUs (2
+worker processes: the executor without Ray's start-up). Every side writes the same output
+shards (`--out-shard-size`, default 500MB: one Ray task per shard); the script checks that the
+outputs are the same bytes. Sides alternate, each `--repeats` times; wall time, CPU time and
+the driver's peak RSS (GNU time) per run; ratios of medians against the local executor.
 
 Part 2 (model): the time of a large merge (default: a 120B-class Llama layout, bf16, base + 8)
 on N nodes, from the plan's own byte counts and shard layout (a plan of header-only sparse
@@ -214,7 +214,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"Ray instance at {start_ray_head(args.cpus)}", file=sys.stderr)
     sides_extra = {
         "local": ["--executor", "local"],
-        "ray, own instance": ["--executor", "ray"],
+        "ray, own instance": ["--executor", "ray", "--ray-address", "local"],
         f"ray, joined ({args.cpus} CPUs)": ["--executor", "ray", "--ray-address", "auto"],
     }
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}

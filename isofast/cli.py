@@ -174,7 +174,7 @@ _FLAG_OPTIONS: dict[str, dict[str, Any]] = {
     "threads": {"type": int},
     "allow_pickle": {"action": "store_true", "default": None},
     "executor": {"choices": ["local", "ray"]},
-    "ray_address": {"metavar": "auto|HOST:PORT"},
+    "ray_address": {"metavar": "auto|local|HOST:PORT"},
 }
 
 

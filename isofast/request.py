@@ -98,7 +98,8 @@ SETTINGS: tuple[Setting, ...] = (
         "ray_address",
         "ray_address",
         "--ray-address",
-        "Ray cluster to join (auto, or HOST:PORT); without it a local Ray instance is started",
+        "Ray cluster: auto (the one on this machine or in RAY_ADDRESS), local (a new one "
+        "here) or HOST:PORT; default: Ray's own choice (auto, else a new local one)",
     ),
 )
 # How a merge is run, not what it gives: left out of the written config (the output is the
