@@ -46,8 +46,9 @@ CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" python3 -m pip install -q --no-build-isola
 export PYTHONSAFEPATH=1
 python3 -c "import isofast._cuda as c; print('isofast._cuda available:', c.available(), c.device_name(0) if c.available() else '')"
 
-step "GPU tests (tests/test_cuda_parity.py, tests/test_device.py)"
-timeout 240 python3 -m pytest tests/test_cuda_parity.py tests/test_device.py -ra -q \
+step "GPU tests (tests/test_cuda_parity.py, tests/test_device.py, Ray GPU tasks if Ray is there)"
+timeout 240 python3 -m pytest tests/test_cuda_parity.py tests/test_device.py \
+  tests/test_ray.py::test_gpu_tasks_give_the_local_gpu_bytes -ra -q \
   -p no:cacheprovider --durations=5
 GPU_TESTS=$?
 

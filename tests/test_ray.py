@@ -170,6 +170,21 @@ def test_a_passthrough_slice_config_gives_the_local_bytes(
     assert '"num_hidden_layers": 6' in (outs["ray"] / "config.json").read_text()
 
 
+def test_gpu_tasks_give_the_local_gpu_bytes(
+    ray_instance: Path, models: Path, tmp_path: Path
+) -> None:
+    """`device: cuda`: each task asks Ray for a GPU and merges its matrices there."""
+    try:
+        from isofast import _cuda
+    except ImportError as exc:
+        pytest.skip(f"isofast._cuda is not built ({exc})")
+    if not _cuda.available() or ray.cluster_resources().get("GPU", 0) < 1:
+        pytest.skip("no usable CUDA GPU in this Ray instance")
+    want = merge(models, tmp_path / "local", "iso_cts", "local", device="cuda")
+    got = merge(models, tmp_path / "ray", "iso_cts", "ray", device="cuda")
+    assert folder_bytes(got) == folder_bytes(want)
+
+
 def test_a_killed_worker_is_retried_and_the_output_is_unchanged(
     ray_instance: Path, models: Path, tmp_path: Path
 ) -> None:

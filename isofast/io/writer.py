@@ -345,6 +345,9 @@ class CheckpointWriter:
         kept = [r for r in self._done if (r.file, r.entries) in wanted]
         if len(kept) < len(self._done):
             log.warning("%s: finished shards that do not match this merge are redone", self.out_dir)
+            for record in self._done:
+                if record not in kept:
+                    (self.tmp_dir / record.file).unlink(missing_ok=True)
             self._done = kept
             self._names = {e[0] for r in kept for e in r.entries}
             self._total = sum(r.data_bytes for r in kept)
