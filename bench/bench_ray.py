@@ -182,6 +182,24 @@ def model_rows(
     return rows
 
 
+def print_model(args: argparse.Namespace, node_gbps: float, how: str) -> None:
+    hidden, inter, layers = (int(x) for x in args.big.split(","))
+    big = plan_big_merge(hidden, inter, layers, args.big_tasks, args.big_method, args.shard_size)
+    print(
+        f"\n{big.label}: {big.input_bytes / 1e12:.2f} TB to read, "
+        f"{big.output_bytes / 1e9:.0f} GB to write, {big.shards} output shards of "
+        f"{args.shard_size} (at most {big.shards} tasks at once), a task's planned peak "
+        f"{big.task_peak_bytes / 2**30:.1f} GiB. Per node: merge {node_gbps:.2f} GB/s of input "
+        f"({how}), read {args.node_read_gbps} GB/s, write {args.node_write_gbps} GB/s; shared "
+        f"storage {args.shared_gbps} GB/s.\n"
+    )
+    nodes = [int(n) for n in args.nodes.split(",")]
+    table = model_rows(
+        big, nodes, node_gbps, args.node_read_gbps, args.node_write_gbps, args.shared_gbps
+    )
+    print(markdown_table(["nodes", "hours", "limited by"], table, right=(1,)))
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -200,7 +218,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--shared-gbps", type=float, default=20.0, help="shared storage, all nodes")
     ap.add_argument("--node-cores", type=int, default=64, help="cores per node of the model")
     ap.add_argument("--nodes", default="1,2,4,8,16,32,64")
+    ap.add_argument(
+        "--node-merge-gbps",
+        type=float,
+        help="per-node merge throughput (GB of input/s) for part 2; given: part 1 is skipped",
+    )
     args = ap.parse_args(argv)
+    if args.node_merge_gbps is not None:
+        print(f"Command: `{command_line()}`\n")
+        print_model(args, args.node_merge_gbps, "given")
+        return 0
 
     root = Path(args.dir)
     cs, base, models = llm_set(root, args.layers, args.tasks)
@@ -275,23 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # cores (task arithmetic is bound by reading, so this is generous to compute).
     cores = len(os.sched_getaffinity(0))
     measured = gib * 2**30 / GB / local.median  # GB of input per second on `cores` cores
-    node_gbps = measured * args.node_cores / cores
-    hidden, inter, layers = (int(x) for x in args.big.split(","))
-    big = plan_big_merge(hidden, inter, layers, args.big_tasks, args.big_method, args.shard_size)
-    print(
-        f"\n{big.label}: {big.input_bytes / 1e12:.2f} TB to read, "
-        f"{big.output_bytes / 1e9:.0f} GB to write, {big.shards} output shards of "
-        f"{args.shard_size} (at most {big.shards} tasks at once), a task's planned peak "
-        f"{big.task_peak_bytes / 2**30:.1f} GiB. Per node: merge {node_gbps:.1f} GB/s of input "
-        f"({measured:.2f} GB/s measured here on {cores} cores, scaled to {args.node_cores}), "
-        f"read {args.node_read_gbps} GB/s, write {args.node_write_gbps} GB/s; shared storage "
-        f"{args.shared_gbps} GB/s.\n"
-    )
-    nodes = [int(n) for n in args.nodes.split(",")]
-    table = model_rows(
-        big, nodes, node_gbps, args.node_read_gbps, args.node_write_gbps, args.shared_gbps
-    )
-    print(markdown_table(["nodes", "hours", "limited by"], table, right=(1,)))
+    how = f"{measured:.2f} GB/s measured here on {cores} cores, scaled to {args.node_cores}"
+    print_model(args, measured * args.node_cores / cores, how)
     return 0 if same else 1
 
 
