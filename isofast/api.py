@@ -16,7 +16,7 @@ from isofast.models import ModelSet
 from isofast.pipeline import Progress, merge_in_memory, merge_to_folder
 from isofast.planner import MergePlan, make_plan
 from isofast.ray_executor import merge_on_ray
-from isofast.request import MergeRequest
+from isofast.request import MergeRequest, model_path
 
 Source = str | os.PathLike[str] | Mapping[str, Any]
 _FIELDS = frozenset(MergeRequest.__dataclass_fields__) - {"base", "models", "params"}
@@ -162,7 +162,16 @@ def _request(
     if "device" not in fields and isinstance(base, Mapping) and base:
         # A state dict on a GPU merges there unless told otherwise.
         fields["device"] = arrays.device_of(next(iter(base.values())))
+    # Hugging Face names are looked up (and downloaded) as a config's are.
+    base = _named(base, "base model")
+    finetuned = [_named(m, "fine-tuned model") for m in finetuned]
     return MergeRequest(base, tuple(finetuned), method, alpha, params, **fields)  # type: ignore[arg-type]
+
+
+def _named(source: Source, what: str) -> Source:
+    if isinstance(source, (str, os.PathLike)):
+        return model_path(os.fspath(source), what, Path.cwd())
+    return source
 
 
 def _result_kind(merge_plan: MergePlan) -> str:

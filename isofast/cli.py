@@ -194,10 +194,16 @@ def _add_request_flags(p: argparse.ArgumentParser) -> None:
 
 def _request_from(args: argparse.Namespace, config: str | None) -> Any:
     from isofast.config import load_config
-    from isofast.request import SETTINGS, MergeRequest
+    from isofast.request import SETTINGS, MergeRequest, model_path
 
     given = {s.field: getattr(args, s.field) for s in SETTINGS}
     changes = {field: value for field, value in given.items() if value is not None}
+    # Hugging Face names given as flags are looked up (and downloaded) as a config's are.
+    if "base" in changes:
+        changes["base"] = model_path(changes["base"], "--base", Path.cwd())
+    for field, flag in (("models", "--model"), ("adapters", "--adapter")):
+        if field in changes:
+            changes[field] = [model_path(m, flag, Path.cwd()) for m in changes[field]]
     if "params" in changes:
         params = {}
         for item in changes["params"]:
