@@ -1,11 +1,14 @@
 """Layer slices (mergekit's `slices:` with `merge_method: passthrough`): the output's layers are
-the concatenation of layer ranges taken from several models, renumbered; every tensor outside
-the layers comes from the base model. Only a mapping of names is built here: the tensors are
-streamed (copied bitwise) by the usual pipeline."""
+the concatenation of layer ranges taken from several models, renumbered; the tensors before the
+layers (embeddings) come from the first slice's model and those after them (final norm, head)
+from the last slice's, as mergekit 0.1.5 plans them; the base model gives only the side files
+(config.json, tokenizer). Only a mapping of names is built here: the tensors are streamed
+(copied bitwise) by the usual pipeline."""
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -92,17 +95,17 @@ def renumbered(name: str, layer: int) -> str:
 def layout(
     slices: Sequence[Slice], base: str, names: Mapping[str, Sequence[str]]
 ) -> dict[str, tuple[str, str]]:
-    """Output name -> (model path, input name): the base's non-layer tensors (those before its
-    first layer tensor, then the layers, then the rest, as checkpoints order them) and each
-    slice's layers in turn, renumbered from 0. `names` holds each model's tensor names."""
-    head: dict[str, tuple[str, str]] = {}
-    tail: dict[str, tuple[str, str]] = {}
-    seen_layer = False
-    for name in names[base]:
-        if layer_of(name) is not None:
-            seen_layer = True
-        else:
-            (tail if seen_layer else head)[name] = (base, name)
+    """Output name -> (model path, input name): the embeddings of the first slice's model, each
+    slice's layers in turn, renumbered from 0, then the other non-layer tensors (final norm,
+    head) of the last slice's model. That is mergekit's plan: pre-weights from the first
+    slice's sources, post-weights from the last slice's; `base` gives no tensor (it stays in
+    the signature for the callers). `names` holds each model's tensor names."""
+    del base
+    top, end_model = slices[0][0][0], slices[-1][0][0]
+    head = {n: (top, n) for n in names[top] if layer_of(n) is None and is_pre_weight(n)}
+    tail = {
+        n: (end_model, n) for n in names[end_model] if layer_of(n) is None and not is_pre_weight(n)
+    }
     layers: dict[str, tuple[str, str]] = {}
     out = 0
     for k, ((path, first, end),) in enumerate(slices):
@@ -122,6 +125,17 @@ def layout(
                 layers[renumbered(name, out)] = (path, name)
             out += 1
     return {**head, **layers, **tail}
+
+
+# mergekit's architectures name the embeddings as pre-weights (embed_tokens, wte, wpe,
+# word_embeddings, embed_in, ...) and final norms and heads as post-weights; embed_out
+# (GPT-NeoX's head) is the one post-weight that mentions an embedding.
+_PRE_WEIGHT = re.compile(r"emb|wte|wpe|relative_pe")
+
+
+def is_pre_weight(name: str) -> bool:
+    """Whether a non-layer tensor comes before the layers (an embedding) in mergekit's plan."""
+    return bool(_PRE_WEIGHT.search(name)) and "embed_out" not in name
 
 
 def config_json(folder: Path | None, layers: int) -> str | None:
@@ -152,10 +166,16 @@ def mergekit_fields(
     passthrough`); `model` makes a config's model entry a path."""
     method = data["merge_method"]
     if method != "passthrough":
-        raise MergeInputError(
-            f"{where}: slices merged with {method} are not supported yet; use merge_method: "
-            f"passthrough with one source per slice"
-        )
+        as_models = whole_models(data, where, model)
+        if as_models is None:
+            raise MergeInputError(
+                f"{where}: slices merged with {method} are not supported yet (except one slice "
+                f"whose sources span every layer of their models); use merge_method: "
+                f"passthrough with one source per slice"
+            )
+        from isofast.config import from_mergekit  # config imports this module
+
+        return from_mergekit(as_models, Path(where), Path(where).resolve().parent)
     if not data.get("slices"):
         raise MergeInputError(f"{where}: passthrough needs 'slices' (layer ranges to stack)")
     for key in ("models", "parameters", "modules", "tokenizer"):
@@ -171,3 +191,56 @@ def mergekit_fields(
         "slices": found,
         "method": METHOD,
     }
+
+
+def whole_models(
+    data: Mapping[str, Any], where: str, model: Callable[[Any, str], str]
+) -> dict[str, Any] | None:
+    """A config of one slice whose sources each span every layer of their model (mergekit's
+    README writes slerp that way), as the same config with `models:` (absolute paths): mergekit
+    plans `models:` as exactly that slice, so the results are the same. None for any other
+    slices (or a model whose layer count config.json does not give)."""
+    found = data.get("slices")
+    if data.get("models") or not (isinstance(found, Sequence) and len(found) == 1):
+        return None
+    item = found[0]
+    if not isinstance(item, Mapping) or set(item) != {"sources"}:
+        return None  # slice-level parameters or base_model: not a plain `models:` list
+    sources = item["sources"]
+    if not isinstance(sources, Sequence) or isinstance(sources, str) or not sources:
+        return None
+    models: list[dict[str, Any]] = []
+    for source in sources:
+        if not isinstance(source, Mapping) or not {"model", "layer_range"} <= set(source):
+            return None
+        if set(source) - {"model", "layer_range", "parameters"}:
+            return None
+        path = model(source["model"], f"{where}: slices")
+        span, layers = source["layer_range"], layers_in_config(Path(path))
+        if layers is None or not isinstance(span, Sequence) or list(span) != [0, layers]:
+            return None
+        models.append(
+            {
+                "model": path,
+                **({"parameters": source["parameters"]} if "parameters" in source else {}),
+            }
+        )
+    rest = {k: v for k, v in data.items() if k != "slices"}
+    if "base_model" in rest:
+        rest["base_model"] = model(rest["base_model"], f"{where}: base_model")
+    return {**rest, "models": models}
+
+
+def layers_in_config(folder: Path) -> int | None:
+    """num_hidden_layers (or n_layer / num_layers) of a model folder's config.json."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None

@@ -53,8 +53,10 @@ def test_passthrough_frankenmerge(tmp_path: Path) -> None:
     out = tmp_path / "out"
     assert cli.main(["merge", str(cfg), str(out), "-q"]) == 0
     got = load_file(str(out / "model.safetensors"))
-    # layers 0-2 of a, then layers 1-3 of b as 3-5; the rest from the first source (no base)
-    want = {n: x for n, x in a.items() if ".layers." not in n}
+    # layers 0-2 of a, then layers 1-3 of b as 3-5; the embeddings from the first slice's
+    # model, the final norm and head from the last slice's (mergekit's plan)
+    want = {"model.embed_tokens.weight": a["model.embed_tokens.weight"]}
+    want |= {n: b[n] for n in ("model.norm.weight", "lm_head.weight")}
     for out_layer, (model, layer) in enumerate([(a, 0), (a, 1), (a, 2), (b, 1), (b, 2), (b, 3)]):
         for part in LAYER:
             want[f"model.layers.{out_layer}.{part}"] = model[f"model.layers.{layer}.{part}"]
@@ -72,17 +74,27 @@ def test_passthrough_frankenmerge(tmp_path: Path) -> None:
     assert json.loads((again / "config.json").read_text())["num_hidden_layers"] == 6
 
 
-def test_base_model_gives_the_other_tensors(tmp_path: Path) -> None:
-    _llama(tmp_path / "a", 0)
-    _llama(tmp_path / "b", 1)
-    base = _llama(tmp_path / "base", 2)
+def test_base_model_gives_no_tensors(tmp_path: Path) -> None:
+    """mergekit 0.1.5 takes the embeddings from the first slice's model and the final norm and
+    head from the last slice's, also with a base_model (it gives config.json only)."""
+    a, b = _llama(tmp_path / "a", 0), _llama(tmp_path / "b", 1)
+    _llama(tmp_path / "base", 2)
+    (tmp_path / "base" / "config.json").write_text(
+        json.dumps({"model_type": "llama", "num_hidden_layers": 4, "hidden_size": 8, "x": 1})
+    )
     cfg = tmp_path / "merge.yml"
     cfg.write_text(yaml.safe_dump(_config(base_model="./base")))
     out = tmp_path / "out"
     assert cli.main(["merge", str(cfg), str(out), "-q"]) == 0
     got = load_file(str(out / "model.safetensors"))
-    for name in ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"):
-        assert got[name].tobytes() == base[name].tobytes()
+    for name, model in (
+        ("model.embed_tokens.weight", a),
+        ("model.norm.weight", b),
+        ("lm_head.weight", b),
+    ):
+        assert got[name].tobytes() == model[name].tobytes(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["x"] == 1 and config["num_hidden_layers"] == 6
 
 
 @pytest.mark.parametrize(
@@ -112,3 +124,75 @@ def test_refusals(tmp_path: Path, change: dict[str, Any], message: str) -> None:
         from isofast.api import plan_of
 
         plan_of(request)
+
+
+@pytest.mark.parametrize(
+    ("name", "pre"),
+    [
+        ("model.embed_tokens.weight", True),
+        ("transformer.wte.weight", True),
+        ("transformer.wpe.weight", True),
+        ("transformer.word_embeddings.weight", True),
+        ("gpt_neox.embed_in.weight", True),
+        ("model.norm.weight", False),
+        ("lm_head.weight", False),
+        ("transformer.ln_f.weight", False),
+        ("embed_out.weight", False),
+        ("model.final_layernorm.weight", False),
+    ],
+)
+def test_pre_weights_as_mergekit_names_them(name: str, pre: bool) -> None:
+    """mergekit's architectures: embeddings before the layers, norms and heads after them."""
+    from isofast.slices import is_pre_weight
+
+    assert is_pre_weight(name) is pre
+
+
+def test_one_slice_over_every_layer_is_a_models_list(tmp_path: Path) -> None:
+    """mergekit README's slerp (one slice, both models' full layer range, a t gradient per
+    filter) gives the same bits as the same config with `models:`."""
+    _llama(tmp_path / "a", 0)
+    _llama(tmp_path / "b", 1)
+    t = [{"filter": "self_attn", "value": [0.0, 0.5, 1.0]}, {"value": 0.3}]
+    sliced = {
+        "merge_method": "slerp",
+        "base_model": "./a",
+        "slices": [
+            {
+                "sources": [
+                    {"model": "./a", "layer_range": [0, 4]},
+                    {"model": "./b", "layer_range": [0, 4]},
+                ]
+            }
+        ],
+        "parameters": {"t": t},
+        "dtype": "float32",
+    }
+    listed = {**sliced, "models": [{"model": "./a"}, {"model": "./b"}]}
+    del listed["slices"]
+    outs = []
+    for name, config in (("sliced", sliced), ("listed", listed)):
+        cfg = tmp_path / f"{name}.yml"
+        cfg.write_text(yaml.safe_dump(config))
+        assert cli.main(["merge", str(cfg), str(tmp_path / name), "-q"]) == 0
+        outs.append(load_file(str(tmp_path / name / "model.safetensors")))
+    assert sorted(outs[0]) == sorted(outs[1])
+    assert all(outs[0][n].tobytes() == outs[1][n].tobytes() for n in outs[0])
+
+
+@pytest.mark.parametrize(
+    "sources",
+    [
+        [{"model": "./a", "layer_range": [0, 3]}, {"model": "./b", "layer_range": [0, 3]}],
+        [{"model": "./a", "layer_range": [1, 4]}, {"model": "./b", "layer_range": [1, 4]}],
+    ],
+    ids=["short", "shifted"],
+)
+def test_slices_of_part_of_the_layers_stay_refused(tmp_path: Path, sources: Any) -> None:
+    _llama(tmp_path / "a", 0)
+    _llama(tmp_path / "b", 1)
+    cfg = tmp_path / "merge.yml"
+    config = {"merge_method": "slerp", "base_model": "./a", "slices": [{"sources": sources}]}
+    cfg.write_text(yaml.safe_dump({**config, "parameters": {"t": 0.5}}))
+    with pytest.raises(MergeInputError, match="slices merged with slerp are not supported yet"):
+        load_config(cfg)

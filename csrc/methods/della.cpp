@@ -2,7 +2,10 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../core/error.hpp"
@@ -47,19 +50,25 @@ void della_magprune(T* x, size_t n, size_t len, size_t stride, double density, d
                 " and epsilon ", epsilon);
   const double before = rescale ? l1_norm(x, n, threads) : 0.0;
   const size_t rows = n / len;
+  ISOFAST_CHECK(len <= UINT32_MAX, "della: rows of at most 2^32 entries, got ", len);
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   parallel_for(rows, threads, [&](size_t first, size_t last) {
-    std::vector<size_t> order(len);
-    std::vector<T> row(len);
+    // (bits of |x|, index) pairs: the bits of a non-negative float order as the float does,
+    // so one contiguous sort gives the ascending (|x|, index) ranks (ties by index, as a
+    // stable sort by |x| would) without an indirect compare.
+    std::vector<std::pair<Bits, uint32_t>> order(len);
     for (size_t r = first; r < last; ++r) {
       const size_t start = (r / stride) * len * stride + r % stride;
-      for (size_t k = 0; k < len; ++k) row[k] = x[start + k * stride];
-      std::iota(order.begin(), order.end(), size_t{0});
-      std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) {
-        return std::fabs(row[a]) < std::fabs(row[b]);
-      });
+      for (size_t k = 0; k < len; ++k) {
+        const T a = std::fabs(x[start + k * stride]);
+        Bits bits;
+        std::memcpy(&bits, &a, sizeof(T));
+        order[k] = {bits, static_cast<uint32_t>(k)};
+      }
+      std::sort(order.begin(), order.end());
       const double span = len > 1 ? static_cast<double>(len - 1) : 1.0;
       for (size_t j = 0; j < len; ++j) {
-        const size_t k = order[j];
+        const size_t k = order[j].second;
         const double rank_norm = len > 1 ? static_cast<double>(j) / span : 0.0;
         const double p = (density - epsilon) + rank_norm * 2.0 * epsilon;
         const size_t i = start + k * stride;
