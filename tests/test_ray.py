@@ -90,11 +90,17 @@ def ray_instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     marker = tmp_path_factory.mktemp("ray") / "killed-once"
     marker.touch()
     os.environ[KILL_ONCE_ENV] = str(marker)  # the workers inherit it
+    # Ray puts the driver's working folder first on its workers' sys.path: from the repository
+    # root they would import the source tree (no compiled core) instead of the installed
+    # package. Drivers here run from a scratch folder.
+    cwd = os.getcwd()
+    os.chdir(marker.parent)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         yield marker
     finally:
         ray.shutdown()
+        os.chdir(cwd)
         os.environ.pop(KILL_ONCE_ENV, None)
 
 
@@ -212,7 +218,7 @@ def test_a_killed_driver_publishes_nothing_and_either_executor_resumes(
         out = tmp_path / f"{first}-then-{then}"
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
         argv = [sys.executable, "-c", _DRIVER, str(models), str(out), first, str(SHARD_BYTES)]
-        driver = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+        driver = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL, cwd=tmp_path)
         _kill_after_first_shard(driver, out)
         assert not out.exists()
         caplog.clear()
@@ -248,7 +254,11 @@ def test_the_driver_holds_no_tensor_data(ray_instance: Path, tmp_path: Path) -> 
         )
         env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
         done = subprocess.run(
-            [sys.executable, "-c", code, str(root)], env=env, capture_output=True, timeout=300
+            [sys.executable, "-c", code, str(root)],
+            env=env,
+            capture_output=True,
+            timeout=300,
+            cwd=tmp_path,
         )
         assert done.returncode == 0, done.stderr.decode()[-2000:]
         peaks.append(int(done.stdout.split()[-1]) * 1024)
@@ -265,7 +275,7 @@ def test_the_cli_joins_a_cluster_and_writes_the_local_bytes(
     argv += [x for t in range(TASKS) for x in ("--model", str(models / f"ft{t}"))]
     argv += ["--out-shard-size", str(SHARD_BYTES), "--quiet"]
     argv += ["--executor", "ray", "--ray-address", ray.get_runtime_context().gcs_address]
-    done = subprocess.run(argv, capture_output=True, timeout=300)
+    done = subprocess.run(argv, capture_output=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     assert folder_bytes(tmp_path / "ray") == folder_bytes(want)
 
