@@ -728,3 +728,55 @@ def test_data_at_the_file_page_phase_is_written_as_is(
             for i, d in enumerate(data):
                 np.testing.assert_array_equal(r.get(f"t{i}"), d)
     assert files[0] == files[1]
+
+
+def test_resumed_shards_are_kept_in_any_order_and_stale_ones_redone(tmp_path: Path) -> None:
+    """A resumed writer keeps every finished shard that checks out, whatever order they were
+    finished in (Ray tasks); a finished shard that is not one of the new plan's is deleted
+    and written again, never published."""
+    rng = np.random.default_rng(5)
+    tensors = {f"t{i}": rng.standard_normal(50).astype(np.float32) for i in range(8)}
+    entries = [(n, "F32", x.shape) for n, x in tensors.items()]
+    out = tmp_path / "out"
+
+    def write(w: CheckpointWriter, shard: Any) -> None:
+        part = PlannedShardWriter(w.tmp_dir, shard)
+        for name in shard.names:
+            part.add(name, tensors[name], "F32")
+        w.add_shard(part.close())
+
+    with pytest.raises(KeyboardInterrupt), CheckpointWriter(out, 450, fingerprint="f") as w:
+        planned = w.plan_shards(entries)
+        write(w, planned[2])  # finished out of order: shards 3 and 1
+        write(w, planned[0])
+        raise KeyboardInterrupt
+    with CheckpointWriter(out, 450, fingerprint="f", resume=True) as w:
+        assert w.resumed_names == set(planned[0].names) | set(planned[2].names)
+        todo = w.pending(w.plan_shards(entries))
+        assert [s.file for s in todo] == [planned[1].file, *(s.file for s in planned[3:])]
+        for shard in todo:
+            write(w, shard)
+    with CheckpointWriter(out.with_name("want"), 450) as w:
+        for name, x in tensors.items():
+            w.add(name, x)
+    assert _files(out) == _files(out.with_name("want"))
+    other = tmp_path / "other"
+    with pytest.raises(KeyboardInterrupt), CheckpointWriter(other, 450, fingerprint="g") as w:
+        w2 = w.plan_shards(entries)
+        write(w, w2[0])
+        raise KeyboardInterrupt
+    with CheckpointWriter(other, 900, fingerprint="g", resume=True) as w:
+        relaid = w.plan_shards(entries)  # another shard size: shard 1 is not the same
+        assert [s.file for s in w.pending(relaid)] == [s.file for s in relaid]
+        assert not (w.tmp_dir / w2[0].file).exists()
+        for shard in relaid:
+            write(w, shard)
+    assert [p.name for p in other.iterdir() if p.suffix == ".partial"] == []
+    with CheckpointWriter(tmp_path / "want900", 900) as w:
+        for name, x in tensors.items():
+            w.add(name, x)
+    assert _files(other) == _files(tmp_path / "want900")
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
