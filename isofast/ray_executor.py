@@ -97,6 +97,11 @@ def ray_session(address: str | None) -> Iterator[Any]:
     if ray.is_initialized():
         yield ray
         return
+    if address in (None, "local"):
+        log.info(
+            "ray: joining or starting a Ray instance on this machine (seconds); on one machine "
+            "the local executor gives the same output without it"
+        )
     try:
         ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
