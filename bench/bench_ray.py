@@ -117,6 +117,7 @@ def plan_big_merge(
 ) -> BigMerge:
     """Plan the merge of header-only sparse checkpoints (no data is read or stored)."""
     import isofast
+    from isofast.io import CheckpointWriter
     from isofast.io.safetensors_format import encode_header, pack_header_length
     from isofast.io.shards import lay_out_shards
     from isofast.pipeline import shard_entries, write_order
@@ -140,7 +141,10 @@ def plan_big_merge(
             folders.append(folder)
         plan = isofast.plan(folders[0], folders[1:], method, threads=1)
         shards = lay_out_shards(
-            shard_entries(write_order(plan)), parse_size(shard_size), {"format": "pt"}, 1, 65528
+            shard_entries(write_order(plan)),
+            parse_size(shard_size),
+            {"format": "pt"},
+            CheckpointWriter.initial_header_reserve,
         )
     per_tensor = {t.name: t.out_bytes * (tasks + 1) for t in plan.tensors}
     largest = max(sum(per_tensor[n] for n in s.names) for s in shards)

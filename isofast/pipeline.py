@@ -18,6 +18,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -162,12 +163,20 @@ def merge_to_folder(
     model card and, for checkpoints on disk, the config that reproduces it). Nothing appears
     under `out_dir` unless the whole merge succeeds."""
     options = core_options(plan, models)
-    with output_writer(plan, models, out_dir, overwrite, progress, resume) as (writer, collect):
-        shards = writer.pending(writer.plan_shards(shard_entries(write_order(plan))))
-        for record in write_shards(plan, models, options, shards, writer.tmp_dir):
-            collect(record)
+    with output_writer(plan, models, out_dir, overwrite, progress, resume) as output:
+        for record in write_shards(plan, models, options, output.shards, output.folder):
+            output.collect(record)
         log_routes()
     return Path(os.path.abspath(out_dir))
+
+
+@dataclass(frozen=True)
+class Output:
+    """What an executor needs of the output being written (`output_writer`)."""
+
+    shards: list[PlannedShard]  # still to write, in order
+    folder: Path  # the temporary folder they go into
+    collect: Callable[[ShardRecord], None]  # takes in a shard once its file is whole
 
 
 @contextlib.contextmanager
@@ -178,11 +187,11 @@ def output_writer(
     overwrite: bool,
     progress: bool | Progress,
     resume: bool,
-) -> Iterator[tuple[CheckpointWriter, Callable[[ShardRecord], None]]]:
-    """The writer of a merge into a folder (taking over an interrupted one's shards with
-    `resume`) and the function that takes in each shard written into its temporary folder
-    (journal, progress); once every shard is in, the side outputs are written and the folder
-    is published. Every executor writes through this."""
+) -> Iterator[Output]:
+    """A merge into a folder, opened (taking over an interrupted one's shards with `resume`):
+    the shards still to write, laid out from the plan, their folder, and the function that
+    takes in each shard written there (journal, progress). Once every shard is in, the side
+    outputs are written and the folder is published. Every executor writes through this."""
     metadata = {"isofast_method": plan.spec.name, "isofast_alpha": repr(plan.request.alpha)}
     with (
         ProgressBar(plan.input_bytes, len(plan.tensors), disable=progress is not True) as bar,
@@ -207,7 +216,8 @@ def output_writer(
             report(e[0] for e in record.entries)
 
         report(t.name for t in plan.tensors if t.name in writer.resumed_names)
-        yield writer, collect
+        shards = writer.pending(writer.plan_shards(shard_entries(write_order(plan))))
+        yield Output(shards, writer.tmp_dir, collect)
         write_side_outputs(writer, plan, models)
 
 

@@ -40,13 +40,17 @@ from isofast.pipeline import (
     log_routes,
     output_writer,
     plain_options,
-    shard_entries,
-    write_order,
     write_shards,
 )
 from isofast.planner import MergePlan, TensorPlan, make_plan
 from isofast.request import MergeRequest
-from isofast.ties_global import TiesTotals, summed_histogram, summed_vote, whole_model_ties
+from isofast.ties_global import (
+    ItemSource,
+    TiesTotals,
+    summed_histogram,
+    summed_vote,
+    whole_model_ties,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +73,18 @@ def merge_on_ray(
     """Run `plan` on Ray into `out_dir` (see the module's docstring)."""
     with (
         ray_session(plan.request.ray_address) as ray,
-        output_writer(plan, models, out_dir, overwrite, progress, resume) as (writer, collect),
+        output_writer(plan, models, out_dir, overwrite, progress, resume) as output,
     ):
-        shards = writer.pending(writer.plan_shards(shard_entries(write_order(plan))))
+        shards = output.shards
         log.info("ray: %d output shards to write, %d CPUs", len(shards), _cluster_cpus(ray))
         ties = _global_ties(ray, plan, models) if plan.uses_global_ties else None
         resources = _task_resources(ray, plan.request, len(shards))
         task = ray.remote(write_shard).options(max_retries=TASK_RETRIES, **resources)
-        request = _worker_request(plan.request, resources)
-        for record in _results(
-            ray, [task.remote(request, s, str(writer.tmp_dir), ties) for s in shards]
-        ):
-            collect(record)
+        gpu = "num_gpus" in resources
+        request = _task_request(plan.request, int(resources["num_cpus"]), "cuda:0" if gpu else None)
+        refs = [task.remote(request, s, str(output.folder), ties) for s in shards]
+        for record in _results(ray, refs):
+            output.collect(record)
     return Path(os.path.abspath(out_dir))
 
 
@@ -152,17 +156,11 @@ def _task_resources(ray: Any, request: MergeRequest, shards: int) -> dict[str, f
     return resources
 
 
-def _worker_request(request: MergeRequest, resources: dict[str, float]) -> MergeRequest:
-    """The request a task runs: its own share of threads; its GPU is the one Ray gave it
-    (visible to it as device 0)."""
-    changes: dict[str, Any] = {
-        "threads": int(resources["num_cpus"]),
-        "executor": "local",
-        "ray_address": None,
-    }
-    if "num_gpus" in resources:
-        changes["device"] = "cuda:0"
-    return request.replace(**changes)
+def _task_request(request: MergeRequest, threads: int, device: str | None) -> MergeRequest:
+    """The request a task runs in its worker, locally, on its own share of threads and on
+    `device` (a GPU task's is the one Ray gave it, visible to it as device 0)."""
+    changes = {"threads": threads, "executor": "local", "ray_address": None}
+    return request.replace(**changes, **({"device": device} if device else {}))
 
 
 def write_shard(
@@ -197,7 +195,7 @@ def _global_ties(ray: Any, plan: MergePlan, models: ModelSet) -> TiesTotals:
     model, summed here."""
     floats = [t for t in plan.tensors if not t.copy]
     parts = [[t.name for t in part] for part in split_by_bytes(floats, 2 * _cluster_cpus(ray))]
-    request = plan.request.replace(threads=1, executor="local", ray_address=None)
+    request = _task_request(plan.request, 1, "cpu")  # counting runs on the CPU
     histogram_task = ray.remote(part_histogram).options(max_retries=TASK_RETRIES, num_cpus=1)
     vote_task = ray.remote(part_vote).options(max_retries=TASK_RETRIES, num_cpus=1)
 
@@ -205,12 +203,14 @@ def _global_ties(ray: Any, plan: MergePlan, models: ModelSet) -> TiesTotals:
         refs = [histogram_task.remote(request, names, digit, prefixes) for names in parts]
         return sum((_get(ray, r) for r in refs), np.zeros((plan.tasks, 65536), np.int64))
 
-    def vote(thresholds: TiesTotals) -> int:
-        return sum(_get(ray, vote_task.remote(request, names, thresholds)) for names in parts)
+    def vote(options: Any) -> int:
+        thresholds = TiesTotals(tuple(options.ties.thresholds), 0)
+        refs = [vote_task.remote(request, names, thresholds) for names in parts]  # side by side
+        return sum(_get(ray, r) for r in refs)
 
     return whole_model_ties(
         histogram,
-        lambda o: vote(TiesTotals(tuple(o.ties.thresholds), 0)),
+        vote,
         plan.tasks,
         sum(math.prod(t.shape) for t in floats),
         getattr(plan.params, "density", 1.0),
@@ -232,23 +232,22 @@ def split_by_bytes(tensors: Sequence[TensorPlan], parts: int) -> list[list[Tenso
 
 
 @contextlib.contextmanager
-def _part(request: MergeRequest) -> Iterator[tuple[ModelSet, Any]]:
-    with ModelSet(request) as models:
-        plan = make_plan(request, models)
-        yield models, plain_options(plan, models)
+def _part(request: MergeRequest, names: Sequence[str]) -> Iterator[tuple[ItemSource, Any]]:
+    """The core items of the tensors `names` (read afresh on each call) and the options."""
+    with ModelSet(request) as models, models.naming_files():
+        options = plain_options(make_plan(request, models), models)
+        yield lambda: ([models.core_item(n, False, None)] for n in names), options
 
 
 def part_histogram(
     request: MergeRequest, names: Sequence[str], digit: int, prefixes: list[int]
 ) -> npt.NDArray[np.int64]:
     """A Ray task: the histogram pass over the tensors `names`."""
-    with _part(request) as (models, options), models.naming_files():
-        source = lambda: ([models.core_item(n, False, None)] for n in names)  # noqa: E731
+    with _part(request, names) as (source, options):
         return summed_histogram(source, len(request.models), options)(digit, prefixes)
 
 
 def part_vote(request: MergeRequest, names: Sequence[str], thresholds: TiesTotals) -> int:
     """A Ray task: the sign vote over the tensors `names`, trimmed at `thresholds`."""
-    with _part(request) as (models, options), models.naming_files():
-        source = lambda: ([models.core_item(n, False, None)] for n in names)  # noqa: E731
+    with _part(request, names) as (source, options):
         return summed_vote(source)(thresholds.apply(options))

@@ -37,7 +37,6 @@ class ShardRecord:
     header_crc: int
     data_crc: int
     entries: tuple[tuple[str, str, tuple[int, ...], int, int], ...]  # name, dtype, shape, offsets
-    reserve: int  # header reservation of the writer after this shard
 
     @property
     def data_bytes(self) -> int:

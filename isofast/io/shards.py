@@ -157,7 +157,7 @@ class ShardFile:
         os.replace(relayout, self.path)
         self.data_start = 8 + size
 
-    def record(self, reserve: int) -> ShardRecord:
+    def record(self) -> ShardRecord:
         """The journal line of this closed shard."""
         fd = os.open(self.path, os.O_RDONLY)
         try:
@@ -171,7 +171,6 @@ class ShardFile:
             header_crc=header_crc,
             data_crc=self.data_crc,
             entries=tuple((e.name, e.dtype, e.shape, e.begin, e.end) for e in self.entries),
-            reserve=reserve,
         )
 
     def discard(self) -> None:
@@ -232,7 +231,6 @@ class PlannedShard:
     file: str  # name in the temporary folder
     entries: tuple[EntryTuple, ...]
     reserve: int  # header bytes reserved at its start
-    next_reserve: int  # the writer's reservation after it (recorded in its journal line)
     metadata: Mapping[str, str]  # every shard's __metadata__
 
     @property
@@ -253,7 +251,6 @@ def lay_out_shards(
     tensors: Iterator[tuple[str, str, tuple[int, ...]]],
     max_shard_bytes: int,
     metadata: Mapping[str, str],
-    first_index: int,
     reserve: int,
 ) -> list[PlannedShard]:
     """The shards `tensors` (name, safetensors dtype, shape), added in this order, fill: the
@@ -265,10 +262,9 @@ def lay_out_shards(
     def close() -> None:
         nonlocal reserve
         header = encode_header(entries, metadata)
-        after = next_reserve(reserve, len(header))
-        index = first_index + len(shards)
-        shards.append(PlannedShard(partial_name(index), tuple(entries), reserve, after, metadata))
-        reserve = after
+        index = len(shards) + 1
+        shards.append(PlannedShard(partial_name(index), tuple(entries), reserve, metadata))
+        reserve = next_reserve(reserve, len(header))
 
     for name, dtype, shape in tensors:
         size = math.prod(shape) * DTYPE_ITEMSIZE[dtype]
@@ -322,7 +318,7 @@ class PlannedShardWriter:
             )
         with writing(self.shard.path):
             self.shard.close(self.planned.metadata)
-            return self.shard.record(self.planned.next_reserve)
+            return self.shard.record()
 
     def discard(self) -> None:
         self.shard.discard()

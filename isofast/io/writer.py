@@ -335,7 +335,7 @@ class CheckpointWriter:
         if self._current is not None or (self._done and not self._resumed):
             raise RuntimeError(f"{self.out_dir}: shards are planned before any tensor is added")
         return lay_out_shards(
-            iter(tensors), self.max_shard_bytes, self._shard_metadata, 1, self._reserve
+            iter(tensors), self.max_shard_bytes, self._shard_metadata, self._reserve
         )
 
     def pending(self, planned: Sequence[PlannedShard]) -> list[PlannedShard]:
@@ -395,7 +395,7 @@ class CheckpointWriter:
         self._reserve = next_reserve(self._reserve, shard.header_bytes)
         try:
             with writing(shard.path):
-                record = shard.record(self._reserve)
+                record = shard.record()
         except BaseException:
             self._state = "broken"
             raise
